@@ -1,0 +1,161 @@
+"""Configuration: one dataclass for the networks, one for training, and the presets.
+
+A preset is a plain table of numbers; `build_config(preset, **overrides)` is the one way to
+get a config. Everything a saved model needs to be rebuilt lives in `ModelConfig`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from .errors import GRDNetError
+
+
+@dataclass
+class ModelConfig:
+    """Networks, preprocessing and the score rule: everything inference needs."""
+
+    image_size: int = 128
+    channels: int = 3
+    gen_widths: tuple[int, ...] = (32, 64, 128, 256)  # one per stride-2 stage; size / 2**len == latent_size
+    latent_channels: int = 32
+    disc_widths: tuple[int, ...] = (32, 64, 128, 256)
+    seg_widths: tuple[int, ...] = (32, 64, 128, 256, 256)  # U-Net levels; len - 1 poolings
+    score_rule: str = "max_pool"  # "max_pool": max of the box-filtered map; "topk_mean": mean of top k%
+    score_kernel: int = 21  # box filter side for "max_pool", in model pixels
+    score_topk: float = 0.01  # fraction of pixels for "topk_mean"
+
+    def __post_init__(self):
+        self.gen_widths = tuple(self.gen_widths)
+        self.disc_widths = tuple(self.disc_widths)
+        self.seg_widths = tuple(self.seg_widths)
+        if self.channels not in (1, 3):
+            raise GRDNetError(f"channels must be 1 or 3, got {self.channels}")
+        if self.image_size % (2 ** len(self.gen_widths)) or self.image_size % (2 ** (len(self.seg_widths) - 1)):
+            raise GRDNetError(
+                f"image_size {self.image_size} must be divisible by 2**stages "
+                f"({len(self.gen_widths)} generator stages, {len(self.seg_widths) - 1} U-Net poolings)")
+        if self.score_rule not in ("max_pool", "topk_mean"):
+            raise GRDNetError(f"score_rule must be 'max_pool' or 'topk_mean', got {self.score_rule!r}")
+
+    @property
+    def latent_size(self) -> int:
+        return self.image_size // 2 ** len(self.gen_widths)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, synthetic defects, augmentation and loss weights."""
+
+    epochs: int = 200
+    max_minutes: float | None = None
+    batch_size: int = 8
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.5, 0.999)
+    plateau_patience: int = 3
+    plateau_factor: float = 0.904837418  # e**-0.1, the paper's schedule
+    # Loss weights (paper: w_adv 1, w_con 50, w_enc 1; contextual = wa*L1 + wb*(1-SSIM)).
+    w_adv: float = 1.0
+    w_con: float = 50.0
+    w_enc: float = 1.0
+    w_l1: float = 1.0
+    w_ssim: float = 1.0
+    w_seg: float = 1.0
+    ssim_window: int = 11
+    focal_gamma: float = 2.0
+    focal_alpha: float | None = None  # None: both classes weighted equally
+    roi_mode: str = "target"  # "target" | "prediction" | "none"
+    # Synthetic defects (DRAEM-style Perlin masks).
+    defect_prob: float = 0.75
+    perlin_min_exp: int = 0
+    perlin_max_exp: int = 5
+    perlin_threshold: float = 0.5
+    min_defect_pixels: int = 25
+    beta_min: float = 0.5
+    beta_max: float = 1.0
+    texture_dir: str | None = None
+    # Augmentation.
+    rotation: float = 90.0  # degrees, uniform in [-rotation, +rotation]
+    hflip: bool = True
+    vflip: bool = True
+    # Data and bookkeeping.
+    val_fraction: float = 0.1  # good training images held out to calibrate the threshold
+    threshold_quantile: float = 0.99
+    num_workers: int = 0
+    seed: int = 0
+    checkpoint_every_minutes: float = 5.0
+    log_every_n_steps: int = 10
+
+    def __post_init__(self):
+        self.betas = tuple(self.betas)
+        if self.roi_mode not in ("target", "prediction", "none"):
+            raise GRDNetError(f"roi_mode must be target, prediction or none, got {self.roi_mode!r}")
+
+
+# Presets: (model table, training table). `paper` follows GRDNET.md; `cpu` is narrower and
+# smaller so that a 2-core CPU learns something useful in minutes; `tiny` is for tests.
+PRESETS: dict[str, tuple[dict, dict]] = {
+    "paper": (
+        dict(image_size=256, gen_widths=(64, 128, 256, 512, 512), latent_channels=32,
+             disc_widths=(64, 128, 256, 512, 512), seg_widths=(64, 128, 256, 512, 512, 512),
+             score_kernel=21),
+        dict(epochs=200, batch_size=8, lr=1e-4),
+    ),
+    "cpu": (
+        dict(image_size=128, gen_widths=(16, 32, 64, 128), latent_channels=32,
+             disc_widths=(16, 32, 64, 128), seg_widths=(16, 32, 64, 128, 128),
+             score_kernel=11),
+        dict(epochs=200, batch_size=8, lr=1e-4),
+    ),
+    "tiny": (
+        dict(image_size=32, gen_widths=(8, 16), latent_channels=8,
+             disc_widths=(8, 16), seg_widths=(8, 16, 16), score_kernel=5),
+        dict(epochs=1, batch_size=4, lr=1e-3, checkpoint_every_minutes=0.0),
+    ),
+}
+
+
+def _coerce(cls, table: dict, where: str):
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(table) - names)
+    if unknown:
+        raise GRDNetError(f"{where}: unknown {cls.__name__} option(s): {', '.join(unknown)}")
+    return table
+
+
+def file_section(config_file, section: str) -> dict:
+    """One section ("model" or "train") of a JSON config file; {} when there is no file."""
+    if config_file is None:
+        return {}
+    path = Path(config_file)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise GRDNetError(f"{path}: cannot read config ({e})") from None
+    if not isinstance(data, dict) or not set(data) <= {"model", "train"}:
+        raise GRDNetError(f"{path}: expected a JSON object with 'model' and/or 'train' sections")
+    return data.get(section, {})
+
+
+def build_config(preset: str = "cpu", model: dict | None = None, train: dict | None = None,
+                 config_file: str | Path | None = None) -> tuple[ModelConfig, TrainConfig]:
+    """Model and training config from a preset, a JSON file ({"model": {...}, "train": {...}})
+    and explicit overrides, applied in that order."""
+    if preset not in PRESETS:
+        raise GRDNetError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    m, t = dict(PRESETS[preset][0]), dict(PRESETS[preset][1])
+    if config_file is not None:
+        m.update(_coerce(ModelConfig, file_section(config_file, "model"), str(config_file)))
+        t.update(_coerce(TrainConfig, file_section(config_file, "train"), str(config_file)))
+    m.update(_coerce(ModelConfig, model or {}, "override"))
+    t.update(_coerce(TrainConfig, train or {}, "override"))
+    try:
+        return ModelConfig(**m), TrainConfig(**t)
+    except TypeError as e:
+        raise GRDNetError(f"invalid config: {e}") from None
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,210 @@
+"""Datasets in the MVTec AD layout, image loading and validation.
+
+A category folder holds `train/good/*`, `test/<type>/*` and `ground_truth/<type>/<stem>_mask.*`
+(or `<stem>.*`). Images may be grayscale or RGB, of any size and any common format: the network
+sees them resized to the model size, and maps are resized back to each image's own size.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+from .errors import GRDNetError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+Image.MAX_IMAGE_PIXELS = 200_000_000  # refuse decompression bombs, allow large line-scan images
+
+
+def list_images(folder) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def open_image(path) -> Image.Image:
+    """Decode an image fully, turning every decoding failure into a one-line user error."""
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.copy() if img.mode not in ("I;16", "I;16B", "I;16L", "I") else _to_8bit(img)
+    except FileNotFoundError:
+        raise GRDNetError(f"{path}: no such file") from None
+    except UnidentifiedImageError:
+        raise GRDNetError(f"{path}: not an image (unrecognised format)") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise GRDNetError(f"{path}: cannot decode image ({e})") from None
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    a = np.asarray(img, dtype=np.float64)
+    top = 65535.0 if a.max() > 255 else 255.0
+    return Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
+
+
+def pil_to_array(img: Image.Image, channels: int) -> np.ndarray:
+    """uint8 (H, W, C) with the model's channel count."""
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA"):  # composite transparency onto black, as the camera would not see it
+        bg = Image.new("RGBA", img.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(bg, img.convert("RGBA"))
+    img = img.convert("L" if channels == 1 else "RGB")
+    a = np.asarray(img, dtype=np.uint8)
+    return a[..., None] if a.ndim == 2 else a
+
+
+def array_to_tensor(a: np.ndarray, size: int) -> torch.Tensor:
+    """(H, W, C) uint8 or float in [0, 1] -> (C, size, size) float in [0, 1]."""
+    t = torch.from_numpy(np.array(a, copy=True))
+    t = t.float() / 255.0 if t.dtype == torch.uint8 else t.float()
+    t = t.permute(2, 0, 1)[None]
+    if t.shape[-2:] != (size, size):
+        t = F.interpolate(t, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return t[0].clamp(0, 1)
+
+
+def load_image(path, channels: int, size: int) -> torch.Tensor:
+    return array_to_tensor(pil_to_array(open_image(path), channels), size)
+
+
+def load_mask(path, expected_size: tuple[int, int] | None = None) -> np.ndarray:
+    """Binary mask (H, W) bool; `expected_size` is the image's (width, height)."""
+    img = open_image(path)
+    if expected_size is not None and img.size != tuple(expected_size):
+        raise GRDNetError(f"{path}: mask is {img.size[0]}x{img.size[1]} but its image is "
+                          f"{expected_size[0]}x{expected_size[1]}")
+    a = np.asarray(img.convert("L"))
+    return a > 127 if a.max() > 1 else a > 0
+
+
+def image_size_of(path) -> tuple[int, int]:
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except (OSError, UnidentifiedImageError) as e:
+        raise GRDNetError(f"{path}: cannot read image ({e})") from None
+
+
+@dataclass
+class TestSample:
+    path: Path
+    defect_type: str  # "good" or the test sub-folder name
+    mask_path: Path | None
+
+    @property
+    def label(self) -> int:
+        return 0 if self.defect_type == "good" else 1
+
+
+def train_images(root) -> list[Path]:
+    root = Path(root)
+    folder = root / "train" / "good"
+    if not folder.is_dir():
+        raise GRDNetError(f"{root}: not a dataset in MVTec AD layout (no train/good folder)")
+    paths = list_images(folder)
+    if not paths:
+        raise GRDNetError(f"{folder}: no images found")
+    return paths
+
+
+def test_samples(root, allow_missing_masks: bool = False) -> list[TestSample]:
+    """Every test image with its defect type and mask. A defective image without a mask is an
+    error (or, with `allow_missing_masks`, kept for image metrics with a warning)."""
+    root = Path(root)
+    test = root / "test"
+    if not test.is_dir():
+        raise GRDNetError(f"{root}: no test folder")
+    samples, missing = [], []
+    for folder in sorted(p for p in test.iterdir() if p.is_dir()):
+        mask_index = {}
+        gt = root / "ground_truth" / folder.name
+        for m in list_images(gt):
+            key = m.stem[:-5] if m.stem.endswith("_mask") else m.stem
+            mask_index.setdefault(key, m)
+        used = set()
+        for img in list_images(folder):
+            mask = None
+            if folder.name != "good":
+                mask = mask_index.get(img.stem)
+                if mask is None and gt.is_dir():
+                    missing.append(img)
+                used.add(img.stem)
+            samples.append(TestSample(img, folder.name, mask))
+        orphans = sorted(set(mask_index) - used)
+        if orphans:
+            log.warning("%s: %d mask(s) without an image, e.g. %s", gt, len(orphans), mask_index[orphans[0]].name)
+    if missing and not allow_missing_masks:
+        names = ", ".join(str(p) for p in missing[:3]) + (" ..." if len(missing) > 3 else "")
+        raise GRDNetError(f"{len(missing)} defective test image(s) without a mask: {names} "
+                          "(use --allow-missing-masks to evaluate them on image metrics only)")
+    for p in missing:
+        log.warning("%s: no mask; used for image metrics only", p)
+    if not samples:
+        raise GRDNetError(f"{test}: no test images found")
+    return samples
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Training images at model size, with an optional ROI per image (1, S, S) in {0, 1}.
+
+    Small datasets are decoded once and kept in memory as uint8 (the usual case on one machine);
+    large ones are decoded on demand in the loader's workers.
+    """
+
+    CACHE_BYTES = 2 * 1024 ** 3
+
+    def __init__(self, paths: list[Path], channels: int, size: int, rois: list[Path | None] | None = None):
+        self.paths, self.channels, self.size = list(paths), channels, size
+        self.rois = rois
+        self.cache = None
+        if len(self.paths) * channels * size * size < self.CACHE_BYTES:
+            self.cache = torch.stack([self._decode(i) for i in range(len(self.paths))])
+
+    def _decode(self, i: int) -> torch.Tensor:
+        img = load_image(self.paths[i], self.channels, self.size)
+        roi = torch.ones(1, self.size, self.size)
+        if self.rois is not None and self.rois[i] is not None:
+            roi = load_roi(self.rois[i], self.size, image_path=self.paths[i])
+        return (torch.cat([img, roi]) * 255).round().to(torch.uint8)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        """(C + 1, S, S) float: image channels then the ROI channel."""
+        item = self.cache[i] if self.cache is not None else self._decode(i)
+        return item.float() / 255.0
+
+
+def load_roi(path, size: int, image_path=None) -> torch.Tensor:
+    """ROI mask resized to the model size, (1, S, S) in {0, 1}. An all-zero ROI is an error."""
+    mask = load_mask(path)
+    if not mask.any():
+        raise GRDNetError(f"{path}: ROI mask is empty (all zero): nothing to learn for "
+                          f"{image_path or 'this image'}")
+    t = torch.from_numpy(mask.astype(np.float32))[None, None]
+    return (F.interpolate(t, size=(size, size), mode="nearest")[0] > 0.5).float()
+
+
+def infer_channels(paths: list[Path], sample: int = 16) -> int:
+    """1 if the (first few) images are grayscale, else 3."""
+    for p in paths[:sample]:
+        img = open_image(p)
+        if img.mode not in ("L", "LA", "1", "I", "I;16", "I;16B", "I;16L", "F"):
+            if img.mode == "P" or img.mode.startswith("RGB"):
+                a = np.asarray(img.convert("RGB"), dtype=np.int16)
+                if np.abs(a[..., 0] - a[..., 1]).max() > 2 or np.abs(a[..., 1] - a[..., 2]).max() > 2:
+                    return 3
+            else:
+                return 3
+    return 1

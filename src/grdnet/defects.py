@@ -1,0 +1,122 @@
+"""Synthetic defects (DRAEM-style), generated as batched tensors on the training device.
+
+A Perlin-noise field at a random scale per sample is thresholded into a binary mask M; inside M the
+image is blended with an anomaly source S: `X_n = X * (1 - M) + M * ((1 - beta) * X + beta * S)`.
+S is a random two-colour field modulated by a second noise field, or a crop of a user texture.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .config import TrainConfig
+
+
+def _fade(t: torch.Tensor) -> torch.Tensor:
+    return t * t * t * (t * (t * 6 - 15) + 10)
+
+
+def perlin(batch: int, size: int, res: torch.Tensor, generator: torch.Generator | None = None,
+           device=None) -> torch.Tensor:
+    """Batched 2-D Perlin noise (B, size, size), roughly in [-0.7, 0.7].
+
+    `res` is (B, 2) integer lattice cells per axis for each sample: every sample has its own scale,
+    computed without a Python loop over samples by gathering each sample's lattice gradients.
+    """
+    max_res = int(res.max())
+    angles = torch.rand(batch, max_res + 1, max_res + 1, generator=generator, device=device) * (2 * math.pi)
+    grads = torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1)  # (B, R+1, R+1, 2)
+    coords = (torch.arange(size, device=device, dtype=torch.float32) + 0.5) / size
+    gy = coords[None, :, None] * res[:, 0, None, None].float()  # (B, S, 1)
+    gx = coords[None, None, :] * res[:, 1, None, None].float()  # (B, 1, S)
+    iy, ix = gy.floor().long(), gx.floor().long()
+    fy, fx = gy - iy, gx - ix
+    flat = grads.reshape(batch, -1, 2)
+    stride = max_res + 1
+
+    def corner(dy: int, dx: int) -> torch.Tensor:
+        idx = ((iy + dy) * stride + (ix + dx)).reshape(batch, -1)  # (B, S*S)
+        g = torch.gather(flat, 1, idx[..., None].expand(-1, -1, 2)).reshape(batch, size, size, 2)
+        return g[..., 0] * (fy - dy) + g[..., 1] * (fx - dx)
+
+    u, v = _fade(fx), _fade(fy)
+    top = torch.lerp(corner(0, 0), corner(0, 1), u)
+    bottom = torch.lerp(corner(1, 0), corner(1, 1), u)
+    return torch.lerp(top, bottom, v)
+
+
+@dataclass
+class DefectBatch:
+    image: torch.Tensor  # X_n, the defaced image (B, C, H, W)
+    mask: torch.Tensor  # M, (B, 1, H, W) in {0, 1}
+
+
+class DefectSynthesizer:
+    """Paints Perlin-shaped defects onto a batch. Deterministic for a given `torch.Generator`."""
+
+    def __init__(self, cfg: TrainConfig, textures: torch.Tensor | None = None):
+        self.cfg = cfg
+        self.textures = textures  # (N, C, H, W) in [0, 1], already at model size, or None
+
+    def _random_res(self, batch: int, gen, device) -> torch.Tensor:
+        lo, hi = self.cfg.perlin_min_exp, self.cfg.perlin_max_exp
+        return 2 ** torch.randint(lo, hi + 1, (batch, 2), generator=gen, device=device)
+
+    def masks(self, batch: int, size: int, gen=None, device=None) -> torch.Tensor:
+        """Binary masks (B, 1, S, S); each has at least `min_defect_pixels` pixels, redrawn if not."""
+        out = torch.zeros(batch, size, size, device=device)
+        todo = torch.arange(batch, device=device)
+        for _ in range(20):  # redraw only the too-small masks; almost all pass on the first draw
+            noise = perlin(len(todo), size, self._random_res(len(todo), gen, device), gen, device)
+            m = (noise > self.cfg.perlin_threshold).float()
+            out[todo] = m
+            small = m.flatten(1).sum(1) < self.cfg.min_defect_pixels
+            todo = todo[small]
+            if len(todo) == 0:
+                break
+        if len(todo):  # pathological settings: fall back to a centred square of the minimum area
+            side = max(1, math.ceil(math.sqrt(self.cfg.min_defect_pixels)))
+            c = size // 2
+            out[todo, c - side // 2:c - side // 2 + side, c - side // 2:c - side // 2 + side] = 1
+        return out[:, None]
+
+    def sources(self, batch: int, channels: int, size: int, gen=None, device=None) -> torch.Tensor:
+        """Anomaly sources S (B, C, S, S) in [0, 1]."""
+        if self.textures is not None:
+            idx = torch.randint(len(self.textures), (batch,), generator=gen, device=self.textures.device)
+            tex = self.textures[idx].to(device)
+            flip = torch.rand(batch, generator=gen, device=device) < 0.5
+            tex = torch.where(flip[:, None, None, None], tex.flip(-1), tex)
+            k = int(torch.randint(4, (1,), generator=gen, device=device))
+            return torch.rot90(tex, k, dims=(-2, -1))
+        c1 = torch.rand(batch, channels, 1, 1, generator=gen, device=device)
+        c2 = torch.rand(batch, channels, 1, 1, generator=gen, device=device)
+        res = self._random_res(batch, gen, device).clamp(min=2)
+        mix = (perlin(batch, size, res, gen, device)[:, None] / 1.4 + 0.5).clamp(0, 1)
+        return torch.lerp(c1, c2, mix)
+
+    def __call__(self, x: torch.Tensor, gen: torch.Generator | None = None) -> DefectBatch:
+        b, c, h, w = x.shape
+        assert h == w, "the model works on square images"
+        dev = x.device
+        mask = self.masks(b, h, gen, dev)
+        has_defect = (torch.rand(b, generator=gen, device=dev) < self.cfg.defect_prob).float()
+        mask = mask * has_defect[:, None, None, None]
+        beta = torch.empty(b, 1, 1, 1, device=dev).uniform_(self.cfg.beta_min, self.cfg.beta_max, generator=gen)
+        src = self.sources(b, c, h, gen, dev)
+        blended = (1 - beta) * x + beta * src
+        return DefectBatch(image=x * (1 - mask) + mask * blended, mask=mask)
+
+
+def load_textures(folder, channels: int, size: int) -> torch.Tensor:
+    """Every image of a texture folder, resized to the model size (N, C, S, S)."""
+    from .data import list_images, load_image
+
+    paths = list_images(folder)
+    if not paths:
+        from .errors import GRDNetError
+        raise GRDNetError(f"{folder}: texture folder holds no images")
+    return torch.stack([load_image(p, channels, size) for p in paths])

@@ -1,0 +1,86 @@
+"""`grdnet test`: score a test split, compute the metric suite, write the report."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from .data import load_mask, test_samples
+from .metrics import evaluate, threshold_metrics
+from .scoring import Predictor
+
+log = logging.getLogger(__name__)
+
+
+def run_test(predictor: Predictor, data, threshold: float | None = None, batch_size: int = 16,
+             allow_missing_masks: bool = False, on_result=None) -> dict:
+    """Evaluate `predictor` on `data/test` (MVTec AD layout); returns the report dict.
+
+    `on_result(sample, prediction, mask)` is called for every image as it is scored (reports,
+    galleries) so that full-resolution maps are never all held in memory.
+    """
+    samples = test_samples(data, allow_missing_masks=allow_missing_masks)
+    thr = predictor.threshold if threshold is None else threshold
+    has_masks = any(s.mask_path is not None for s in samples)
+    rows = []
+
+    def records():
+        for start in range(0, len(samples), batch_size):
+            chunk = samples[start:start + batch_size]
+            preds = predictor.predict([s.path for s in chunk], threshold=thr, batch_size=batch_size)
+            for s, p in zip(chunk, preds):
+                mask = None
+                if has_masks and (s.label == 0 or s.mask_path is not None):
+                    h, w = p.anomaly_map.shape
+                    mask = load_mask(s.mask_path, (w, h)) if s.mask_path else np.zeros((h, w), bool)
+                rows.append({"path": str(s.path), "defect_type": s.defect_type, "label": s.label,
+                             "score": p.score, "decision": int(p.is_anomalous)})
+                if on_result is not None:
+                    on_result(s, p, mask)
+                yield {"score": p.score, "label": s.label, "defect_type": s.defect_type,
+                       "map": p.anomaly_map if mask is not None else None, "mask": mask, "roi": None}
+
+    result = evaluate(records())
+    overall = result["overall"]
+    scores = np.array([r["score"] for r in rows])
+    labels = np.array([r["label"] for r in rows])
+    report = {
+        "data": str(Path(data).resolve()),
+        "n_images": len(rows),
+        "n_defective": int(labels.sum()),
+        "image_auroc": overall.get("image_auroc"),
+        "pixel_auroc": overall.get("pixel_auroc") if has_masks else None,
+        "metrics": overall,
+        "per_type": result["per_type"],
+        "threshold": thr,
+        "threshold_source": "override" if threshold is not None else predictor.meta.get("threshold_rule"),
+        "at_threshold": threshold_metrics(scores, labels, thr) if thr is not None else None,
+        "images": rows,
+    }
+    return report
+
+
+def summary_lines(report: dict) -> list[str]:
+    m = report["metrics"]
+
+    def f(v):
+        return "n/a" if v is None else f"{v:.4f}"
+
+    lines = [f"images: {report['n_images']} ({report['n_defective']} defective)",
+             f"image AUROC {f(m.get('image_auroc'))}  AP {f(m.get('image_ap'))}  F1-max {f(m.get('image_f1_max'))}",
+             f"pixel AUROC {f(m.get('pixel_auroc'))}  AP {f(m.get('pixel_ap'))}  AUPRO@0.3 {f(m.get('aupro'))}"]
+    at = report.get("at_threshold")
+    if at:
+        lines.append(f"at threshold {at['threshold']:.4f}: precision {f(at['precision'])} recall {f(at['recall'])} "
+                     f"F1 {f(at['f1'])}")
+    for t, v in sorted(report["per_type"].items()):
+        lines.append(f"  {t:<12} image AUROC {f(v.get('image_auroc'))}  pixel AUROC {f(v.get('pixel_auroc'))}  "
+                     f"AUPRO {f(v.get('aupro'))}")
+    return lines
+
+
+def write_json(report: dict, path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(report, indent=2, default=float))
