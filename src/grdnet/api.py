@@ -15,10 +15,11 @@ def load(path, device: str = "cpu") -> Predictor:
 
 def train(data, out, preset: str = "cpu", *, epochs: int | None = None, max_minutes: float | None = None,
           image_size: int | None = None, config_file=None, model: dict | None = None,
-          train: dict | None = None, **trainer_args) -> Path:
+          train: dict | None = None, roi=None, roi_default=None, **trainer_args) -> Path:
     """Train a model on `data` (MVTec AD layout: `data/train/good`) into the run folder `out`.
 
-    Returns the model folder. `model`/`train` override preset values (see `ModelConfig`,
+    Returns the model folder. `roi`: a folder of ROI masks mirroring `data`, or one mask for all
+    images; `roi_default`: the mask for images without one. `model`/`train` override preset values (see `ModelConfig`,
     `TrainConfig`); `trainer_args` go to `grdnet.training.train` (devices, precision, ...).
     """
     from .training import train as _train
@@ -34,4 +35,4 @@ def train(data, out, preset: str = "cpu", *, epochs: int | None = None, max_minu
     if "channels" not in model and "channels" not in file_section(config_file, "model"):
         from .data import infer_channels, train_images
         model_cfg = dataclasses.replace(model_cfg, channels=infer_channels(train_images(data)))
-    return _train(data, out, model_cfg, train_cfg, **trainer_args)
+    return _train(data, out, model_cfg, train_cfg, roi=roi, roi_default=roi_default, **trainer_args)

@@ -36,7 +36,10 @@ def _train_args(p: argparse.ArgumentParser):
     p.add_argument("--seed", type=int)
     p.add_argument("--config", help="JSON file with 'model' and 'train' sections overriding the preset")
     p.add_argument("--textures", help="folder of texture images used as synthetic anomaly sources")
-    p.add_argument("--roi-mode", choices=["target", "prediction", "none"])
+    p.add_argument("--roi", help="ROI masks: a folder mirroring DATA (train/good/<stem>.png) or one mask for all")
+    p.add_argument("--roi-default", help="ROI mask for images that have none in --roi")
+    p.add_argument("--roi-mode", choices=["target", "prediction", "none"],
+                   help="how the ROI shapes the loss (default target: learn to stay silent outside it)")
     p.add_argument("--accelerator", default="auto", help="cpu | gpu | auto")
     p.add_argument("--devices", default="auto", help="number of devices (Lightning)")
     p.add_argument("--num-nodes", type=int, default=1)
@@ -63,7 +66,8 @@ def cmd_train(a) -> int:
     model, tr = _train_overrides(a)
     path = train(a.data, a.out, a.preset, config_file=a.config, model=model, train=tr,
                  accelerator=a.accelerator, devices=_devices(a.devices), num_nodes=a.num_nodes,
-                 strategy=a.strategy, precision=a.precision, progress=not a.no_progress)
+                 strategy=a.strategy, precision=a.precision, progress=not a.no_progress,
+                 roi=a.roi, roi_default=a.roi_default)
     cfg = json.loads((path / "config.json").read_text())
     print(f"model written to {path} (threshold {cfg['threshold']:.4f}, {cfg['training']['epochs']} epochs, "
           f"{cfg['training']['minutes']} min)")
@@ -75,7 +79,8 @@ def cmd_test(a) -> int:
     from .evaluation import run_test, summary_lines, write_json
 
     predictor = load(a.model)
-    report = run_test(predictor, a.data, threshold=a.threshold, allow_missing_masks=a.allow_missing_masks)
+    report = run_test(predictor, a.data, threshold=a.threshold, allow_missing_masks=a.allow_missing_masks,
+                      roi=a.roi, roi_default=a.roi_default)
     out = Path(a.report) if a.report else None
     if out is not None:
         write_json(report, out)
@@ -104,6 +109,15 @@ def _expand_inputs(items: list[str]) -> list[Path]:
     return paths
 
 
+def _rois(roi_file, paths):
+    if roi_file is None:
+        return [None] * len(paths)
+    from .data import image_size_of
+    from .roi import roi_for_image
+
+    return [roi_for_image(roi_file, image_size_of(p)[::-1]) for p in paths]
+
+
 def cmd_predict(a) -> int:
     from PIL import Image
 
@@ -113,18 +127,21 @@ def cmd_predict(a) -> int:
 
     predictor = load(a.model)
     paths = _expand_inputs(a.inputs)
+    roi_file = Path(a.roi) if a.roi else None
+    if roi_file is not None and not roi_file.is_file():
+        raise GRDNetError(f"{roi_file}: no such ROI file")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     failures = 0
     for start in range(0, len(paths), a.batch_size):
         chunk = paths[start:start + a.batch_size]
         try:
-            preds = predictor.predict(chunk, threshold=a.threshold)
+            preds = predictor.predict(chunk, threshold=a.threshold, roi=_rois(roi_file, chunk))
         except GRDNetError:
             preds = []
             for p in chunk:  # find which image is bad, keep going with the others
                 try:
-                    preds.append(predictor.predict(p, threshold=a.threshold))
+                    preds.append(predictor.predict(p, threshold=a.threshold, roi=_rois(roi_file, [p])[0]))
                 except GRDNetError as e:
                     preds.append(e)
         for path, pred in zip(chunk, preds):
@@ -143,6 +160,39 @@ def cmd_predict(a) -> int:
     if failures:
         print(f"error: {failures} of {len(paths)} image(s) could not be scored", file=sys.stderr)
         return 1
+    return 0
+
+
+def cmd_roi(a) -> int:
+    from PIL import Image
+
+    from .data import image_size_of, open_image, pil_to_array
+    from .roi import make_roi, parse_shapes
+    from .visualize import overlay
+
+    rects, polys = parse_shapes(a.shapes)
+    rects += [[float(v) for v in r.split(",")] for r in a.rect or []]
+    polys += [[float(v) for v in p.split(",")] for p in a.polygon or []]
+    like = a.like or a.from_image
+    if a.size:
+        try:
+            size = tuple(int(v) for v in a.size.lower().split("x"))
+            assert len(size) == 2
+        except (ValueError, AssertionError):
+            raise GRDNetError(f"--size must be WIDTHxHEIGHT, got {a.size!r}") from None
+    elif like:
+        size = image_size_of(like)
+    else:
+        raise GRDNetError("give the ROI's size: --size WxH, --like IMAGE or --from-image IMAGE")
+    mask = make_roi(size, rects, polys, reference=a.from_image, threshold=a.threshold, invert=a.invert)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((mask * 255).astype(np.uint8)).save(out)
+    preview = out.with_name(out.stem + "_preview.png")
+    base = pil_to_array(open_image(like), 3) if like else np.full(mask.shape + (3,), 96, np.uint8)
+    Image.fromarray(overlay(base, mask.astype(np.float32) * 0.6, mask)).save(preview)
+    print(json.dumps({"roi": str(out), "preview": str(preview), "size": list(size),
+                      "coverage": round(float(mask.mean()), 4)}))
     return 0
 
 
@@ -171,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, help="override the stored threshold")
     p.add_argument("--allow-missing-masks", action="store_true",
                    help="evaluate defective images without a mask on image metrics only")
+    p.add_argument("--roi", help="ROI masks (folder mirroring DATA, or one mask): maps are multiplied by "
+                                 "the ROI and pixel metrics use ROI pixels only")
+    p.add_argument("--roi-default", help="ROI mask for images that have none in --roi")
     p.set_defaults(func=cmd_test)
 
     p = sub.add_parser("predict", help="score images; write heatmap overlays and one JSON line per image")
@@ -180,7 +233,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, help="override the stored threshold")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--save-maps", action="store_true", help="also save each raw map as .npy")
+    p.add_argument("--roi", help="one ROI mask applied to every image (zeroes the map outside it)")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("roi", help="make a ROI mask from rectangles/polygons or by thresholding an image")
+    p.add_argument("--out", required=True, help="mask PNG to write (a _preview.png is written beside it)")
+    p.add_argument("--size", help="WIDTHxHEIGHT of the mask")
+    p.add_argument("--like", help="take the size from this image (and show the preview on it)")
+    p.add_argument("--rect", action="append", help="x0,y0,x1,y1 (repeatable)")
+    p.add_argument("--polygon", action="append", help="x1,y1,x2,y2,x3,y3,... (repeatable)")
+    p.add_argument("--shapes", help='JSON (or a JSON file): {"rects": [[x0,y0,x1,y1]], "polygons": [[x,y,...]]}')
+    p.add_argument("--from-image", help="reference image: ROI = pixels brighter than --threshold")
+    p.add_argument("--threshold", type=float, help="0..255 for --from-image (default: Otsu's)")
+    p.add_argument("--invert", action="store_true", help="with --from-image: ROI = darker pixels")
+    p.set_defaults(func=cmd_roi)
 
     p = sub.add_parser("demo", help="generate a dataset, train, evaluate and show heatmaps (<= 10 min on CPU)")
     p.add_argument("--out", default="grdnet-demo")

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import load_mask, test_samples
+from .data import image_size_of, load_mask, test_samples
+from .roi import find_rois, roi_for_image
 from .metrics import evaluate, threshold_metrics
 from .scoring import Predictor
 
@@ -15,13 +16,14 @@ log = logging.getLogger(__name__)
 
 
 def run_test(predictor: Predictor, data, threshold: float | None = None, batch_size: int = 16,
-             allow_missing_masks: bool = False, on_result=None) -> dict:
+             allow_missing_masks: bool = False, on_result=None, roi=None, roi_default=None) -> dict:
     """Evaluate `predictor` on `data/test` (MVTec AD layout); returns the report dict.
 
     `on_result(sample, prediction, mask)` is called for every image as it is scored (reports,
     galleries) so that full-resolution maps are never all held in memory.
     """
     samples = test_samples(data, allow_missing_masks=allow_missing_masks)
+    roi_paths = find_rois([s.path for s in samples], data, roi, roi_default) if roi else [None] * len(samples)
     thr = predictor.threshold if threshold is None else threshold
     has_masks = any(s.mask_path is not None for s in samples)
     rows = []
@@ -29,8 +31,10 @@ def run_test(predictor: Predictor, data, threshold: float | None = None, batch_s
     def records():
         for start in range(0, len(samples), batch_size):
             chunk = samples[start:start + batch_size]
-            preds = predictor.predict([s.path for s in chunk], threshold=thr, batch_size=batch_size)
-            for s, p in zip(chunk, preds):
+            rois = [None if r is None else roi_for_image(r, image_size_of(s.path)[::-1])
+                    for s, r in zip(chunk, roi_paths[start:start + batch_size])]
+            preds = predictor.predict([s.path for s in chunk], threshold=thr, batch_size=batch_size, roi=rois)
+            for s, p, r in zip(chunk, preds, rois):
                 mask = None
                 if has_masks and (s.label == 0 or s.mask_path is not None):
                     h, w = p.anomaly_map.shape
@@ -40,7 +44,7 @@ def run_test(predictor: Predictor, data, threshold: float | None = None, batch_s
                 if on_result is not None:
                     on_result(s, p, mask)
                 yield {"score": p.score, "label": s.label, "defect_type": s.defect_type,
-                       "map": p.anomaly_map if mask is not None else None, "mask": mask, "roi": None}
+                       "map": p.anomaly_map if mask is not None else None, "mask": mask, "roi": r}
 
     result = evaluate(records())
     overall = result["overall"]
@@ -54,6 +58,8 @@ def run_test(predictor: Predictor, data, threshold: float | None = None, batch_s
         "pixel_auroc": overall.get("pixel_auroc") if has_masks else None,
         "metrics": overall,
         "per_type": result["per_type"],
+        "roi": {"source": str(roi), "default": str(roi_default) if roi_default else None,
+                "note": "maps multiplied by the ROI; pixel metrics over ROI pixels only"} if roi else None,
         "threshold": thr,
         "threshold_source": "override" if threshold is not None else predictor.meta.get("threshold_rule"),
         "at_threshold": threshold_metrics(scores, labels, thr) if thr is not None else None,

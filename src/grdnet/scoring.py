@@ -121,31 +121,39 @@ class Predictor:
         return self.net(batch.to(self.device)).float()
 
     def predict(self, images: ImageInput | Sequence[ImageInput], threshold: float | None = None,
-                batch_size: int = 16, roi: np.ndarray | None = None) -> Prediction | list[Prediction]:
-        """Score one image or a list. `threshold` overrides the stored one; `roi` (H, W) bool,
-        optional, zeroes the map outside a region before scoring (same size as the images)."""
+                batch_size: int = 16, roi=None) -> Prediction | list[Prediction]:
+        """Score one image or a list. `threshold` overrides the stored one. `roi`, optional: a
+        bool (H, W) array for every image, or a list with one per image; the map is zeroed
+        outside it before scoring (a user's explicit choice: the model needs no ROI)."""
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
+        rois = list(roi) if isinstance(roi, (list, tuple)) else [roi] * len(items)
+        if len(rois) != len(items):
+            raise ValueError(f"{len(rois)} ROIs for {len(items)} images")
         out: list[Prediction] = []
         for start in range(0, len(items), batch_size):
-            out.extend(self._predict_batch(items[start:start + batch_size], threshold, roi))
+            end = start + batch_size
+            out.extend(self._predict_batch(items[start:end], threshold, rois[start:end]))
         return out[0] if single else out
 
-    def _predict_batch(self, items, threshold, roi) -> list[Prediction]:
+    def _predict_batch(self, items, threshold, rois) -> list[Prediction]:
         thr = self.threshold if threshold is None else threshold
         arrays = [to_numpy_image(it, self.cfg.channels) for it in items]
         batch = torch.stack([array_to_tensor(a, self.cfg.image_size) for a, _ in arrays])
         maps = self.maps(batch)
-        if roi is not None:
-            roi_t = torch.from_numpy(np.asarray(roi, dtype=np.float32))[None, None]
-            roi_t = F.interpolate(roi_t, size=maps.shape[-2:], mode="nearest").to(maps.device)
-            maps = maps * roi_t
+        if any(r is not None for r in rois):
+            size = maps.shape[-2:]
+            maps = maps * torch.stack([
+                torch.ones(1, *size) if r is None else
+                F.interpolate(torch.from_numpy(np.asarray(r, dtype=np.float32))[None, None], size=size,
+                              mode="nearest")[0]
+                for r in rois]).to(maps.device)
         scores = image_scores(maps, self.cfg).cpu().numpy()
         results = []
-        for (a, path), m, s in zip(arrays, maps, scores):
+        for (a, path), m, s, r in zip(arrays, maps, scores, rois):
             full = resize_map(m, a.shape[:2])
-            if roi is not None:
-                full = full * np.asarray(roi, dtype=bool)
+            if r is not None:
+                full = full * np.asarray(r, dtype=bool)
             results.append(Prediction(float(s), bool(thr is not None and s >= thr), thr, full, path))
         return results
 

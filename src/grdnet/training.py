@@ -25,6 +25,7 @@ from .config import ModelConfig, TrainConfig, to_dict
 from .data import ImageDataset, train_images
 from .defects import DefectSynthesizer, load_textures
 from .errors import GRDNetError
+from .roi import check_roi_size, find_rois
 from .losses import (adversarial_loss, contextual_loss, discriminator_loss, latent_loss,
                      segmentation_loss)
 from .model import Discriminator, Generator, Segmenter
@@ -147,11 +148,12 @@ def calibrate_threshold(predictor: Predictor, paths: list[Path], quantile: float
 
 def train(data, out, model_cfg: ModelConfig, train_cfg: TrainConfig, *, accelerator: str = "auto",
           devices="auto", num_nodes: int = 1, strategy: str = "auto", precision: str | None = None,
-          progress: bool = True, command: list[str] | None = None) -> Path:
+          progress: bool = True, command: list[str] | None = None, roi=None, roi_default=None) -> Path:
     """Train on `data/train/good` and write the run folder `out`; returns the model folder.
 
     The run folder holds `run.json` (configs, versions, command), `logs/metrics.csv` (every loss),
-    `checkpoints/` and, once training has finished, `model/`.
+    `checkpoints/` and, once training has finished, `model/`. `roi` is a folder of per-image ROI
+    masks mirroring `data` (or one mask for all images); `roi_default` serves images without one.
     """
     out = Path(out)
     paths = train_images(data)
@@ -165,10 +167,17 @@ def train(data, out, model_cfg: ModelConfig, train_cfg: TrainConfig, *, accelera
         "python": platform.python_version(), "started": dt.datetime.now().isoformat(timespec="seconds"),
         "command": command or sys.argv, "data": str(Path(data).resolve()),
         "model": to_dict(model_cfg), "train": to_dict(train_cfg),
+        "roi": {"source": str(roi) if roi else None, "default": str(roi_default) if roi_default else None,
+                "mode": train_cfg.roi_mode},
     }
     (out / "run.json").write_text(json.dumps(run_info, indent=2, default=str))
 
-    dataset = ImageDataset(train_paths, model_cfg.channels, model_cfg.image_size)
+    rois = None
+    if roi is not None:
+        rois = find_rois(train_paths, data, roi, roi_default)
+        for r, p in zip(rois, train_paths):
+            check_roi_size(r, p)
+    dataset = ImageDataset(train_paths, model_cfg.channels, model_cfg.image_size, rois=rois)
     batch_size = min(train_cfg.batch_size, len(dataset))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
                                          num_workers=train_cfg.num_workers,
@@ -210,6 +219,7 @@ def train(data, out, model_cfg: ModelConfig, train_cfg: TrainConfig, *, accelera
         "training": {"data": str(Path(data).resolve()), "n_train": len(train_paths), "n_val": len(val_paths),
                      "epochs": trainer.current_epoch, "steps": trainer.global_step, "minutes": round(minutes, 2),
                      "train_config": to_dict(train_cfg), "grdnet": __version__,
+                     "roi": {"source": str(roi) if roi else None, "mode": train_cfg.roi_mode},
                      "finished": dt.datetime.now().isoformat(timespec="seconds")},
     }
     from .modelfile import save_model
