@@ -148,7 +148,8 @@ def calibrate_threshold(predictor: Predictor, paths: list[Path], quantile: float
 
 def train(data, out, model_cfg: ModelConfig, train_cfg: TrainConfig, *, accelerator: str = "auto",
           devices="auto", num_nodes: int = 1, strategy: str = "auto", precision: str | None = None,
-          progress: bool = True, command: list[str] | None = None, roi=None, roi_default=None) -> Path:
+          progress: bool = True, command: list[str] | None = None, roi=None, roi_default=None,
+          callbacks: list | None = None) -> Path:
     """Train on `data/train/good` and write the run folder `out`; returns the model folder.
 
     The run folder holds `run.json` (configs, versions, command), `logs/metrics.csv` (every loss),
@@ -187,7 +188,7 @@ def train(data, out, model_cfg: ModelConfig, train_cfg: TrainConfig, *, accelera
         textures = load_textures(train_cfg.texture_dir, model_cfg.channels, model_cfg.image_size)
     module = GRDNetModule(model_cfg, train_cfg, textures)
 
-    callbacks = []
+    callbacks = list(callbacks or [])
     if train_cfg.checkpoint_every_minutes > 0:
         callbacks.append(ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0,
                                          train_time_interval=dt.timedelta(minutes=train_cfg.checkpoint_every_minutes)))
@@ -198,7 +199,7 @@ def train(data, out, model_cfg: ModelConfig, train_cfg: TrainConfig, *, accelera
         accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
         precision=precision or "32-true", max_epochs=train_cfg.epochs, max_time=max_time,
         logger=CSVLogger(out, name="logs", version=""), callbacks=callbacks,
-        enable_checkpointing=bool(callbacks), enable_progress_bar=progress,
+        enable_checkpointing=train_cfg.checkpoint_every_minutes > 0, enable_progress_bar=progress,
         log_every_n_steps=train_cfg.log_every_n_steps, enable_model_summary=False, num_sanity_val_steps=0,
     )
     t0 = dt.datetime.now()
