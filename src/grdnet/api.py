@@ -5,6 +5,7 @@ import dataclasses
 from pathlib import Path
 
 from .config import build_config, file_section
+from .errors import GRDNetError
 from .scoring import Predictor
 
 
@@ -15,14 +16,26 @@ def load(path, device: str = "cpu") -> Predictor:
 
 def train(data, out, preset: str = "cpu", *, epochs: int | None = None, max_minutes: float | None = None,
           image_size: int | None = None, config_file=None, model: dict | None = None,
-          train: dict | None = None, roi=None, roi_default=None, **trainer_args) -> Path:
+          train: dict | None = None, roi=None, roi_default=None, val_data=None, val_rule: str = "f1",
+          **trainer_args) -> Path:
     """Train a model on `data` (MVTec AD layout: `data/train/good`) into the run folder `out`.
 
     Returns the model folder. `roi`: a folder of ROI masks mirroring `data`, or one mask for all
     images; `roi_default`: the mask for images without one. `model`/`train` override preset values (see `ModelConfig`,
     `TrainConfig`); `trainer_args` go to `grdnet.training.train` (devices, precision, ...).
+    `val_data`: a labelled validation folder (`good/` + defect folders, never the test split);
+    when given, the threshold is then set on it by `val_rule` (see `grdnet.calibration`)
+    instead of the held-out good images' quantile.
     """
     from .training import train as _train
+
+    if val_data is not None:
+        from .calibration import RULES, labelled_images
+
+        if val_rule not in RULES:
+            raise GRDNetError(f"unknown threshold rule {val_rule!r}; choose from {', '.join(RULES)}")
+        if not labelled_images(val_data):  # fail before training, not after it
+            raise GRDNetError(f"{val_data}: no images found in the validation folder")
 
     model, train = dict(model or {}), dict(train or {})
     if image_size is not None:
@@ -35,4 +48,12 @@ def train(data, out, preset: str = "cpu", *, epochs: int | None = None, max_minu
     if "channels" not in model and "channels" not in file_section(config_file, "model"):
         from .data import infer_channels, train_images
         model_cfg = dataclasses.replace(model_cfg, channels=infer_channels(train_images(data)))
-    return _train(data, out, model_cfg, train_cfg, roi=roi, roi_default=roi_default, **trainer_args)
+    folder = _train(data, out, model_cfg, train_cfg, roi=roi, roi_default=roi_default, **trainer_args)
+    if val_data is not None:
+        from lightning.pytorch.utilities import rank_zero_only
+
+        if rank_zero_only.rank == 0:  # under DDP only rank 0 has written the model
+            from .calibration import calibrate
+
+            calibrate(folder, val_data, val_rule)
+    return folder

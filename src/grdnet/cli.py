@@ -62,32 +62,91 @@ def _devices(v: str):
 
 def cmd_train(a) -> int:
     from .api import train
+    from .data import category_dirs
 
     model, tr = _train_overrides(a)
-    path = train(a.data, a.out, a.preset, config_file=a.config, model=model, train=tr,
-                 accelerator=a.accelerator, devices=_devices(a.devices), num_nodes=a.num_nodes,
-                 strategy=a.strategy, precision=a.precision, progress=not a.no_progress,
-                 roi=a.roi, roi_default=a.roi_default)
-    cfg = json.loads((path / "config.json").read_text())
-    print(f"model written to {path} (threshold {cfg['threshold']:.4f}, {cfg['training']['epochs']} epochs, "
-          f"{cfg['training']['minutes']} min)")
+
+    def one(data, out, val_data):
+        path = train(data, out, a.preset, config_file=a.config, model=model, train=tr,
+                     accelerator=a.accelerator, devices=_devices(a.devices), num_nodes=a.num_nodes,
+                     strategy=a.strategy, precision=a.precision, progress=not a.no_progress,
+                     val_data=val_data, val_rule=a.val_rule, roi=a.roi, roi_default=a.roi_default)
+        cfg = json.loads((path / "config.json").read_text())
+        print(f"model written to {path} (threshold {cfg['threshold']:.4f}, {cfg['training']['epochs']} epochs, "
+              f"{cfg['training']['minutes']} min)", flush=True)
+
+    cats = category_dirs(a.data, "train/good")
+    if not a.all_categories:
+        if not (Path(a.data) / "train" / "good").is_dir() and cats:
+            raise GRDNetError(f"{a.data}: a multi-category root ({len(cats)} categories: "
+                              f"{', '.join(c.name for c in cats[:4])}{' ...' if len(cats) > 4 else ''}); "
+                              "pass --all-categories to train one model per category")
+        one(a.data, a.out, a.val_data)
+        return 0
+    # One model per category into OUT/<category>; finished ones are kept, so a rerun continues.
+    if not cats:
+        raise GRDNetError(f"{a.data}: no category sub-folders with train/good")
+    failed = []
+    for cat in cats:
+        run = Path(a.out) / cat.name
+        if (run / "model" / "config.json").is_file():
+            print(f"{cat.name}: already trained ({run / 'model'}); skipped", flush=True)
+            continue
+        print(f"{cat.name}: training", flush=True)
+        try:
+            one(cat, run, None if a.val_data is None else Path(a.val_data) / cat.name)
+        except GRDNetError as e:
+            print(f"error: {cat.name}: {e}", file=sys.stderr, flush=True)
+            failed.append(cat.name)
+    if failed:
+        print(f"error: {len(failed)} of {len(cats)} categories failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
 
 
 def cmd_test(a) -> int:
     from .api import load
     from .evaluation import run_test, summary_lines, write_json
+    from .report import evaluate_categories, is_multi_category, summary_markdown, write_report
 
-    predictor = load(a.model)
-    report = run_test(predictor, a.data, threshold=a.threshold, allow_missing_masks=a.allow_missing_masks,
-                      roi=a.roi, roi_default=a.roi_default)
     out = Path(a.report) if a.report else None
+    if is_multi_category(a.data):
+        res = evaluate_categories(a.model, a.data, a.out, threshold=a.threshold,
+                                  allow_missing_masks=a.allow_missing_masks, gallery_size=a.gallery)
+        print(summary_markdown(res["summary"]), end="")
+        if out is not None:
+            write_json(res, out)
+            print(f"report written to {out}")
+        if a.out:
+            print(f"reports written to {a.out} (open {Path(a.out) / 'index.html'})")
+        return 0
+    predictor = load(a.model)
+    if a.out:
+        report = write_report(predictor, a.data, a.out, model_path=a.model, threshold=a.threshold,
+                              allow_missing_masks=a.allow_missing_masks, gallery_size=a.gallery,
+                              roi=a.roi, roi_default=a.roi_default)
+    else:
+        report = run_test(predictor, a.data, threshold=a.threshold, allow_missing_masks=a.allow_missing_masks,
+                          roi=a.roi, roi_default=a.roi_default)
     if out is not None:
         write_json(report, out)
     for line in summary_lines(report):
         print(line)
     if out is not None:
         print(f"report written to {out}")
+    if a.out:
+        print(f"report folder written to {a.out} (open {Path(a.out) / 'index.html'})")
+    return 0
+
+
+def cmd_calibrate(a) -> int:
+    from .calibration import calibrate
+
+    rec = calibrate(a.model, a.val_data, rule=a.rule, quantile=a.quantile)
+    v = rec["validation_at_threshold"]
+    print(f"threshold {rec['threshold']:.6f} ({a.rule} rule on {rec['n_good']} good, {rec['n_defective']} "
+          f"defective images; previous {rec['previous']['threshold']}); on the validation folder: precision "
+          f"{v['precision']:.4f} recall {v['recall']:.4f} F1 {v['f1']:.4f}")
     return 0
 
 
@@ -212,6 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data")
     p.add_argument("--out", required=True, help="run folder to write")
     _train_args(p)
+    p.add_argument("--all-categories", action="store_true",
+                   help="DATA holds one MVTec-layout folder per category: train each into OUT/<category>")
+    p.add_argument("--val-data", help="labelled validation folder (good/ + defect folders, not the test split): "
+                                      "set the threshold on it after training (with --all-categories: "
+                                      "VAL_DATA/<category>)")
+    p.add_argument("--val-rule", choices=["f1", "quantile"], default="f1",
+                   help="threshold rule on --val-data (default: f1)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("test", help="evaluate a model on DATA/test with the ground truth")
@@ -224,7 +290,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--roi", help="ROI masks (folder mirroring DATA, or one mask): maps are multiplied by "
                                  "the ROI and pixel metrics use ROI pixels only")
     p.add_argument("--roi-default", help="ROI mask for images that have none in --roi")
+    p.add_argument("--out", help="write a report folder here: report.json, images.csv, curves, gallery, "
+                                 "index.html (for a multi-category DATA: one per category and a summary)")
+    p.add_argument("--gallery", type=int, default=6, help="worst misses and false alarms shown (default 6 each)")
     p.set_defaults(func=cmd_test)
+
+    p = sub.add_parser("calibrate", help="set a model's threshold on a labelled validation folder")
+    p.add_argument("model", help="model folder or run folder (its config.json is rewritten)")
+    p.add_argument("val_data", help="folder with good/ and one folder per defect type (never the test split)")
+    p.add_argument("--rule", choices=["f1", "quantile"], default="f1",
+                   help="f1: the F1-optimal threshold; quantile: a quantile of the good images' scores")
+    p.add_argument("--quantile", type=float, help="for --rule quantile (default: the model's, 0.99)")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("predict", help="score images; write heatmap overlays and one JSON line per image")
     p.add_argument("model")

@@ -83,7 +83,10 @@ def load_mask(path, expected_size: tuple[int, int] | None = None) -> np.ndarray:
     if expected_size is not None and img.size != tuple(expected_size):
         raise GRDNetError(f"{path}: mask is {img.size[0]}x{img.size[1]} but its image is "
                           f"{expected_size[0]}x{expected_size[1]}")
-    a = np.asarray(img.convert("L"))
+    if img.mode == "P":  # palette masks (lossless): any non-black colour is defect, e.g. red index 1
+        return np.asarray(img.convert("RGB")).max(axis=2) > 0
+    # The brightest channel, not luminance, so that coloured masks (pure red, blue) are not lost.
+    a = np.asarray(img.convert("RGB")).max(axis=2) if img.mode not in ("L", "1") else np.asarray(img.convert("L"))
     return a > 127 if a.max() > 1 else a > 0
 
 
@@ -115,6 +118,15 @@ def train_images(root) -> list[Path]:
     if not paths:
         raise GRDNetError(f"{folder}: no images found")
     return paths
+
+
+def category_dirs(root, marker: str) -> list[Path]:
+    """The sub-folders of a multi-category root (MVTec AD: one folder per category) that hold
+    `marker` ("train/good" to train, "test" to evaluate), sorted by name."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and (p / marker).is_dir())
 
 
 def test_samples(root, allow_missing_masks: bool = False) -> list[TestSample]:

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["image_metrics", "threshold_metrics", "PixelMetrics", "evaluate"]
+__all__ = ["image_metrics", "image_curves", "threshold_metrics", "PixelMetrics", "evaluate"]
 
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
@@ -57,6 +57,19 @@ def _average_precision(tp: np.ndarray, fp: np.ndarray) -> float | None:
     # Empty groups (unused bins) have no recall step, so their precision is irrelevant.
     precision = np.divide(tp, predicted, out=np.ones_like(tp), where=predicted > 0)
     return float(np.sum(np.diff(np.r_[0.0, tp]) / n_pos * precision))
+
+
+def _curves(pos: np.ndarray, neg: np.ndarray) -> dict[str, np.ndarray] | None:
+    """ROC and precision-recall points from per-group counts (highest threshold first).
+
+    Groups without any pixel or image (unused bins) add no point. None without both classes.
+    """
+    used = (pos + neg) > 0
+    tp, fp = np.cumsum(pos[used]), np.cumsum(neg[used])
+    if tp.size == 0 or tp[-1] == 0 or fp[-1] == 0:
+        return None
+    return {"fpr": np.r_[0.0, fp / fp[-1]], "tpr": np.r_[0.0, tp / tp[-1]],
+            "recall": tp / tp[-1], "precision": tp / (tp + fp)}
 
 
 def _pro_curve(fp: np.ndarray, pro_mass: np.ndarray, n_regions: int) -> tuple[np.ndarray, np.ndarray]:
@@ -138,6 +151,17 @@ def image_metrics(scores: Any, labels: Any) -> dict[str, float | None]:
         result["image_f1_max"] = float(f1[best])
         result["image_f1_threshold"] = float(thresholds[best])
     return result
+
+
+def image_curves(scores: Any, labels: Any) -> dict[str, np.ndarray] | None:
+    """Image-level ROC (``fpr``, ``tpr``, from (0, 0)) and precision-recall (``recall``,
+    ``precision``) points, one per distinct score, highest first. None unless both classes occur."""
+    scores = _as_scores(scores)
+    labels = _as_labels(labels, scores.size)
+    if scores.size == 0:
+        return None
+    _, (pos, neg) = _groups_desc(scores, labels.astype(np.float64), (~labels).astype(np.float64))
+    return _curves(pos, neg)
 
 
 def threshold_metrics(scores: Any, labels: Any, threshold: float) -> dict[str, float | int]:
@@ -330,6 +354,12 @@ class PixelMetrics:
             result["aupro"] = _aupro(fpr, pro_curve, self.fpr_limit)
         return result
 
+    def curves(self) -> dict[str, np.ndarray] | None:
+        """Pixel-level ROC and precision-recall points (see :func:`image_curves`); None unless
+        both normal and defective pixels were seen. In binned mode, one point per used bin."""
+        groups = self._groups()
+        return None if groups is None else _curves(groups[0], groups[1])
+
     def binning_error_bounds(self) -> dict[str, float | None]:
         """Largest possible |binned - exact| for each metric, given the accumulated histograms.
 
@@ -371,7 +401,8 @@ class PixelMetrics:
 
 
 def evaluate(
-    records: Iterable[Mapping[str, Any]], bins: int | None = 10_000, fpr_limit: float = 0.3
+    records: Iterable[Mapping[str, Any]], bins: int | None = 10_000, fpr_limit: float = 0.3,
+    details: bool = False,
 ) -> dict[str, Any]:
     """Image and pixel metrics over a stream of test images, overall and per defect type.
 
@@ -382,6 +413,10 @@ def evaluate(
             ``mask`` (taken as all normal), a defective one with a map may not.
         bins: passed to :class:`PixelMetrics` (None for exact mode).
         fpr_limit: AUPRO integration limit.
+        details: also return, under ``"details"``, for ``"overall"`` and each type in
+            ``"per_type"``: ``binning_error_bounds`` (:meth:`PixelMetrics.binning_error_bounds`),
+            ``image_curves`` (:func:`image_curves`) and ``pixel_curves``
+            (:meth:`PixelMetrics.curves`).
 
     Returns:
         ``{"overall": metrics, "per_type": {defect_type: metrics}}`` where metrics holds the
@@ -418,10 +453,15 @@ def evaluate(
                 mask = np.zeros(np.shape(anomaly_map), dtype=bool)
             pixels.update(anomaly_map, mask, record.get("roi"))
 
-    def summary(defective_scores: list[float], pixels: PixelMetrics) -> dict[str, Any]:
+    def summary(defective_scores: list[float], pixels: PixelMetrics) -> tuple[dict, dict]:
         labels = np.r_[np.zeros(len(good_scores)), np.ones(len(defective_scores))]
-        metrics = image_metrics(good_scores + defective_scores, labels)
-        return {**metrics, **pixels.compute(), "n_images": len(labels)}
+        scores = good_scores + defective_scores
+        metrics = {**image_metrics(scores, labels), **pixels.compute(), "n_images": len(labels)}
+        extra = {}
+        if details:
+            extra = {"binning_error_bounds": pixels.binning_error_bounds(),
+                     "image_curves": image_curves(scores, labels), "pixel_curves": pixels.curves()}
+        return metrics, extra
 
     per_type = {
         name: summary(type_scores[name], good_pixels.merge(type_pixels[name]))
@@ -431,4 +471,8 @@ def evaluate(
     for name in sorted(type_pixels):
         all_pixels = all_pixels.merge(type_pixels[name])
     all_defective = [s for name in sorted(type_scores) for s in type_scores[name]]
-    return {"overall": summary(all_defective, all_pixels), "per_type": per_type}
+    overall = summary(all_defective, all_pixels)
+    result: dict[str, Any] = {"overall": overall[0], "per_type": {k: v[0] for k, v in per_type.items()}}
+    if details:
+        result["details"] = {"overall": overall[1], "per_type": {k: v[1] for k, v in per_type.items()}}
+    return result
