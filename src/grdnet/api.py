@@ -18,8 +18,9 @@ def train(data, out, preset: str = "cpu", *, epochs: int | None = None, max_minu
           train: dict | None = None, **trainer_args) -> Path:
     """Train a model on `data` (MVTec AD layout: `data/train/good`) into the run folder `out`.
 
-    Returns the model folder. `model`/`train` override preset values (see `ModelConfig`,
-    `TrainConfig`); `trainer_args` go to `grdnet.training.train` (devices, precision, ...).
+    Returns the model folder (None in DDP processes other than rank 0). `model`/`train` override
+    preset values (see `ModelConfig`, `TrainConfig`); `trainer_args` go to
+    `grdnet.training.train` (devices, precision, resume, ...).
     """
     from .training import train as _train
 
