@@ -20,9 +20,10 @@ def train(data, out, preset: str = "cpu", *, epochs: int | None = None, max_minu
           **trainer_args) -> Path:
     """Train a model on `data` (MVTec AD layout: `data/train/good`) into the run folder `out`.
 
-    Returns the model folder. `roi`: a folder of ROI masks mirroring `data`, or one mask for all
-    images; `roi_default`: the mask for images without one. `model`/`train` override preset values (see `ModelConfig`,
-    `TrainConfig`); `trainer_args` go to `grdnet.training.train` (devices, precision, ...).
+    Returns the model folder (None in DDP processes other than rank 0). `roi`: a folder of ROI
+    masks mirroring `data`, or one mask for all images; `roi_default`: the mask for images without
+    one. `model`/`train` override preset values (see `ModelConfig`, `TrainConfig`); `trainer_args`
+    go to `grdnet.training.train` (devices, precision, resume, ...).
     `val_data`: a labelled validation folder (`good/` + defect folders, never the test split);
     when given, the threshold is then set on it by `val_rule` (see `grdnet.calibration`)
     instead of the held-out good images' quantile.

@@ -45,6 +45,11 @@ def _train_args(p: argparse.ArgumentParser):
     p.add_argument("--num-nodes", type=int, default=1)
     p.add_argument("--strategy", default="auto", help="e.g. ddp")
     p.add_argument("--precision", help="e.g. bf16-mixed, 16-mixed (GPU); 32-true on CPU")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--deterministic", action="store_true",
+                   help="deterministic algorithms: the same seed gives the same weights on the same machine")
+    p.add_argument("--logger", action="append", choices=["csv", "tensorboard", "mlflow"], default=[],
+                   help="extra logger besides the CSV log (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -57,7 +62,8 @@ def _train_overrides(a) -> tuple[dict, dict]:
 
 
 def _devices(v: str):
-    return v if v == "auto" else int(v)
+    """"auto", a count ("2", "-1": all) or a list of device indices ("0,1")."""
+    return int(v) if v.lstrip("-").isdigit() else v
 
 
 def cmd_train(a) -> int:
@@ -70,7 +76,10 @@ def cmd_train(a) -> int:
         path = train(data, out, a.preset, config_file=a.config, model=model, train=tr,
                      accelerator=a.accelerator, devices=_devices(a.devices), num_nodes=a.num_nodes,
                      strategy=a.strategy, precision=a.precision, progress=not a.no_progress,
-                     val_data=val_data, val_rule=a.val_rule, roi=a.roi, roi_default=a.roi_default)
+                     val_data=val_data, val_rule=a.val_rule, roi=a.roi, roi_default=a.roi_default,
+                     resume=a.resume, deterministic=a.deterministic, loggers=a.logger)
+        if path is None:  # a DDP rank other than 0: rank 0 writes the run folder and reports
+            return
         cfg = json.loads((path / "config.json").read_text())
         print(f"model written to {path} (threshold {cfg['threshold']:.4f}, {cfg['training']['epochs']} epochs, "
               f"{cfg['training']['minutes']} min)", flush=True)

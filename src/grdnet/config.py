@@ -86,6 +86,7 @@ class TrainConfig:
     num_workers: int = 0
     seed: int = 0
     checkpoint_every_minutes: float = 5.0
+    checkpoint_every_n_steps: int = 0  # also checkpoint every N optimiser steps (two per batch: G and D); 0: off
     log_every_n_steps: int = 10
 
     def __post_init__(self):

@@ -1,0 +1,268 @@
+"""Training at scale and through faults: DDP on two CPU processes, kill + resume, determinism,
+mixed precision, atomic checkpoints, loggers."""
+import csv
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from importlib.util import find_spec
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import grdnet
+from conftest import write_dataset
+from grdnet.cli import main
+from grdnet.config import build_config
+from grdnet.losses import (adversarial_loss, contextual_loss, discriminator_loss, latent_loss,
+                           segmentation_loss)
+from grdnet.training import AtomicCheckpointIO, _EpochSampler, _ResumableLoader
+
+PROBE = Path(__file__).with_name("cli_probe.py")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Two cores shared by several processes: one intra-op thread each avoids oversubscription."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _env(**extra) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", **{k: str(v) for k, v in extra.items()}}
+
+
+def _weights(model_dir: Path) -> dict:
+    return load_file(str(Path(model_dir) / "weights.safetensors"))
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _test_image(data: Path) -> str:
+    return str(next((data / "test" / "hole").iterdir()))
+
+
+def test_ddp_two_processes_identical_weights_own_defects_one_model_folder(tmp_path):
+    data = write_dataset(tmp_path / "data", n_train=20)
+    good = sorted((data / "train" / "good").iterdir())
+    for p in good[1:]:  # identical images: only augmentation can make the ranks' inputs differ
+        p.write_bytes(good[0].read_bytes())
+    probe, run = tmp_path / "probe", tmp_path / "run"
+    probe.mkdir()
+    res = subprocess.run([sys.executable, str(PROBE), "train", str(data), "--out", str(run), "--preset", "tiny",
+                          "--epochs", "2", "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp",
+                          "--no-progress"], capture_output=True, text=True, timeout=600,
+                         env=_env(GRDNET_PROBE_DIR=probe))
+    assert res.returncode == 0, res.stderr[-3000:]
+    r0, r1 = (json.loads((probe / f"rank{i}.json").read_text()) for i in (0, 1))
+    assert r0["params"] == r1["params"]  # gradients averaged, schedulers stepped alike
+    assert r0["first_mask_hash"] != r1["first_mask_hash"]  # own synthetic defects
+    assert r0["first_input_hash"] != r1["first_input_hash"]  # own augmentation
+    i0, i1 = set(r0["epoch0_indices"]), set(r1["epoch0_indices"])
+    assert not i0 & i1 and i0 | i1 == set(range(18))  # 20 images - 2 held out, sharded without overlap
+    assert (r0["model_saves"], r1["model_saves"]) == (1, 0)
+    assert res.stdout.count("model written to") == 1
+    run_info = json.loads((run / "run.json").read_text())
+    assert [a["world_size"] for a in run_info["attempts"]] == [2]
+    assert json.loads((run / "model" / "config.json").read_text())["training"]["world_size"] == 2
+    assert 0 <= grdnet.load(run).predict(_test_image(data)).score <= 1
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300):
+    t0 = time.time()
+    while not path.exists():
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.time() - t0 < timeout, f"no {path} after {timeout} s"
+        time.sleep(0.05)
+
+
+def _step(ckpt: Path) -> int:
+    return torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
+
+
+def test_sigkill_at_random_moments_then_resume_continues_exactly(tmp_path):
+    """3 epochs x 9 batches = 54 optimiser steps (G and D per batch), checkpoint every 4 steps.
+    Attempt 1 is killed at a random moment, attempt 2 inside a checkpoint write (between the
+    temporary file and the rename), attempt 3 finishes; the result equals an uninterrupted run."""
+    data = write_dataset(tmp_path / "data", n_train=40)
+    cfg = tmp_path / "cfg.json"
+    train_cfg = {"checkpoint_every_n_steps": 4, "log_every_n_steps": 1}
+    cfg.write_text(json.dumps({"train": train_cfg}))
+    run = tmp_path / "run"
+    ckpt = run / "checkpoints" / "last.ckpt"
+    args = [sys.executable, str(PROBE), "train", str(data), "--out", str(run), "--preset", "tiny", "--epochs", "3",
+            "--config", str(cfg), "--deterministic", "--no-progress"]
+    delay = random.uniform(0.0, 0.6)
+
+    proc = subprocess.Popen(args, env=_env(GRDNET_PROBE_STEP_DELAY=0.05), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for(ckpt, proc)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, f"finished before the kill {delay:.2f} s after the first checkpoint"
+    step1 = _step(ckpt)  # a complete checkpoint, whatever moment the kill hit
+    assert 4 <= step1 < 54 and step1 % 4 == 0, (step1, delay)
+
+    res = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=600,
+                         env=_env(GRDNET_PROBE_KILL_IN_CHECKPOINT=2))
+    assert res.returncode == -signal.SIGKILL, res.stderr[-3000:]
+    leftovers = list(ckpt.parent.glob(".last.ckpt.tmp-*"))
+    assert len(leftovers) == 1 and leftovers[0].stat().st_size > 0  # the new one, never renamed
+    step2 = _step(ckpt)  # the previous checkpoint, intact
+    assert step2 == step1 + 4
+
+    res = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=600, env=_env())
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert not list(ckpt.parent.glob(".*.tmp-*"))
+    attempts = json.loads((run / "run.json").read_text())["attempts"]
+    assert [a["start_step"] for a in attempts] == [0, step1, step2]  # Lightning's restored step, not zero
+    cfg_doc = json.loads((run / "model" / "config.json").read_text())
+    assert cfg_doc["training"]["steps"] == 54 and cfg_doc["training"]["epochs"] == 3
+    assert 0 <= grdnet.load(run).predict(_test_image(data)).score <= 1
+
+    rows = list(csv.DictReader(open(run / "logs" / "metrics.csv")))
+    steps = [int(r["step"]) for r in rows if r["l_con"]]
+    assert steps == sorted(set(steps))  # no step logged twice after the resumes
+    assert len(set(range(27)) - set(steps)) <= 2  # at most a checkpoint step's own row per kill
+    assert len([r for r in rows if r["epoch_loss"]]) == 3
+
+    ref = grdnet.train(data, tmp_path / "ref", preset="tiny", epochs=3, train=train_cfg, deterministic=True,
+                       progress=False)
+    assert _same(_weights(run / "model"), _weights(ref))
+
+
+def test_resume_extends_a_finished_run_and_refuses_other_settings(tiny_dataset, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["train", str(tiny_dataset), "--out", str(run), "--preset", "tiny", "--no-progress"]
+    assert main(args + ["--resume"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+    grdnet.train(tiny_dataset, run, preset="tiny", epochs=1, train={"checkpoint_every_n_steps": 2}, progress=False)
+    steps1 = json.loads((run / "model" / "config.json").read_text())["training"]["steps"]
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == steps1 and ckpt["grdnet"]["model"]["image_size"] == 32
+    spent = ckpt["callbacks"]["Timer"]["time_elapsed"]["train"]  # the time budget used so far
+    assert spent > 0
+
+    assert main(args + ["--epochs", "2", "--lr", "0.5", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "train.lr: 0.001 -> 0.5" in err
+
+    grdnet.train(tiny_dataset, run, preset="tiny", epochs=2, train={"checkpoint_every_n_steps": 2}, resume=True,
+                 progress=False)
+    doc = json.loads((run / "model" / "config.json").read_text())["training"]
+    assert doc["epochs"] == 2 and doc["steps"] == 2 * steps1
+    assert doc["minutes"] * 60 >= spent - 0.01  # both attempts' training time
+    assert [a["start_step"] for a in json.loads((run / "run.json").read_text())["attempts"]] == [0, steps1]
+
+
+def test_same_seed_deterministic_runs_give_identical_weights(tiny_dataset, tmp_path):
+    def run(name, seed):
+        return _weights(grdnet.train(tiny_dataset, tmp_path / name, preset="tiny", epochs=2, deterministic=True,
+                                     train={"seed": seed}, progress=False))
+
+    a, b, c = run("a", 3), run("b", 3), run("c", 4)
+    assert _same(a, b)
+    assert not _same(a, c)
+    assert not torch.are_deterministic_algorithms_enabled()  # the process is left as it was
+    info = json.loads((tmp_path / "a" / "run.json").read_text())
+    assert info["seed"] == 3 and info["deterministic"] is True
+    assert {"torch", "lightning", "kornia", "numpy"} <= set(info["packages"])
+
+
+def test_losses_under_bf16_autocast_match_fp32():
+    _, t = build_config("tiny")
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 3, 32, 32, generator=g)
+    w = torch.randn(3, 3, 3, 3, generator=g) * 0.3
+    mask = (torch.rand(4, 1, 32, 32, generator=g) > 0.8).float()
+    roi = (torch.rand(4, 1, 32, 32, generator=g) > 0.3).float()
+
+    def losses():
+        # Network outputs under autocast are bf16; the losses must still be computed in fp32.
+        x_hat = torch.sigmoid(torch.nn.functional.conv2d(x, w, padding=1))
+        feats = torch.nn.functional.conv2d(x, w, padding=1)
+        seg = torch.nn.functional.conv2d(x, w[:2], padding=1) * 4
+        logits = feats.mean((1, 2, 3)) * 10
+        return [contextual_loss(x, x_hat, t), adversarial_loss(feats, feats * 0.9), latent_loss(feats, feats + 0.01),
+                discriminator_loss(logits, -logits), *(segmentation_loss(seg, mask, roi, t, m)
+                                                      for m in ("target", "prediction", "none"))]
+
+    ref = losses()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = losses()
+    for r, v in zip(ref, low):
+        assert v.dtype == torch.float32 and torch.isfinite(v)
+        # the inputs themselves went through a bf16 conv (~3 significant digits); the loss adds no more error
+        assert abs(float(v) - float(r)) <= 2e-2 * abs(float(r)) + 1e-4, (float(v), float(r))
+
+
+def test_bf16_mixed_training_on_cpu_fp16_and_spawn_refused(tiny_dataset, tmp_path, capsys):
+    model = grdnet.train(tiny_dataset, tmp_path / "bf16", preset="tiny", epochs=1, precision="bf16-mixed",
+                         accelerator="cpu", train={"log_every_n_steps": 1}, progress=False)
+    rows = list(csv.DictReader(open(tmp_path / "bf16" / "logs" / "metrics.csv")))
+    assert rows and all(np.isfinite(float(r["loss"])) for r in rows if r["loss"])
+    assert json.loads((model / "config.json").read_text())["training"]["precision"] == "bf16-mixed"
+    assert main(["train", str(tiny_dataset), "--out", str(tmp_path / "fp16"), "--preset", "tiny",
+                 "--accelerator", "cpu", "--precision", "16-mixed"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: precision 16-mixed needs a GPU") and "bf16-mixed" in err
+    assert main(["train", str(tiny_dataset), "--out", str(tmp_path / "spawn"), "--preset", "tiny",
+                 "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp_spawn"]) == 2
+    assert capsys.readouterr().err.startswith("error: strategy ddp_spawn is not supported")
+
+
+def test_checkpoint_write_is_atomic(tmp_path):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "ck" / "last.ckpt"
+    io.save_checkpoint({"step": torch.tensor(1)}, path)
+    with pytest.raises(Exception):
+        io.save_checkpoint({"step": torch.tensor(2), "bad": lambda: 0}, path)  # fails while writing
+    assert torch.load(path, weights_only=True)["step"] == 1
+    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
+
+
+def test_loader_resumes_mid_epoch_with_the_unseen_batches():
+    ds = torch.utils.data.TensorDataset(torch.arange(22))
+
+    def loader():
+        return _ResumableLoader(ds, batch_size=4, sampler=_EpochSampler(ds, num_replicas=1, rank=0, seed=5),
+                                drop_last=True)
+
+    a = loader()
+    a.sampler.set_epoch(3)
+    full = [b[0].tolist() for b in a]
+    it = iter(a)
+    next(it), next(it)
+    state = a.state_dict()
+    assert state == {"epoch": 3, "batches": 2}
+    b = loader()
+    b.load_state_dict(state)
+    b.sampler.set_epoch(3)
+    assert [x[0].tolist() for x in b] == full[2:]
+    b.sampler.set_epoch(4)  # the next epoch is whole again
+    assert len(list(b)) == len(full) == 5
+
+
+def test_loggers_by_flag(tiny_dataset, tmp_path, capsys):
+    args = ["train", str(tiny_dataset), "--preset", "tiny", "--no-progress"]
+    for name, module in (("tensorboard", ("tensorboard", "tensorboardX")), ("mlflow", ("mlflow",))):
+        out = tmp_path / name
+        if not any(find_spec(m) for m in module):
+            assert main(args + ["--out", str(out), "--logger", name]) == 2
+            assert f"--logger {name} needs the" in capsys.readouterr().err
+            assert not out.exists() or not (out / "model").exists()
+        else:
+            assert main(args + ["--out", str(out), "--logger", name]) == 0
+            assert (out / "logs" / "metrics.csv").is_file()
+            assert (out / "logs" / ("tensorboard" if name == "tensorboard" else "mlflow.db")).exists()
