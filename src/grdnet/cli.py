@@ -271,6 +271,16 @@ def cmd_demo(a) -> int:
     return 0 if report else 1
 
 
+def cmd_serve(a) -> int:
+    from .serve import ServeSettings, serve
+
+    limits = {k: getattr(a, k) for k in ("max_upload_mb", "max_pixels", "max_files", "max_batch", "queue_size")}
+    settings = ServeSettings(**{k: v for k, v in limits.items() if v is not None},
+                             api_key=a.api_key or os.environ.get("GRDNET_API_KEY"))
+    serve(a.model, host=a.host, port=a.port, workers=a.workers, settings=settings)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="grdnet", description="GRD-Net industrial anomaly detection")
     parser.add_argument("--version", action="version", version=f"grdnet {__import__('grdnet').__version__}")
@@ -340,6 +350,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("serve", help="REST API and inspection web page for a model (http://127.0.0.1:8000/)")
+    p.add_argument("model", help="model folder or run folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--workers", type=int, default=1, help="server processes, each with its own model copy")
+    p.add_argument("--api-key", help="require this key in the X-API-Key header (default: $GRDNET_API_KEY)")
+    p.add_argument("--max-upload-mb", type=float, help="largest request body in MB (default: 32)")
+    p.add_argument("--max-pixels", type=int, help="largest image, read from its header (default: 40000000)")
+    p.add_argument("--max-files", type=int, help="most images in one /predict/batch request (default: 16)")
+    p.add_argument("--max-batch", type=int, help="most images in one forward pass (default: 8)")
+    p.add_argument("--queue-size", type=int, help="requests waiting for inference before 503 (default: 32)")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 
