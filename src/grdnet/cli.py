@@ -74,7 +74,7 @@ def cmd_test(a) -> int:
     from .api import load
     from .evaluation import run_test, summary_lines, write_json
 
-    predictor = load(a.model)
+    predictor = load(a.model, tile=a.tile or None)
     report = run_test(predictor, a.data, threshold=a.threshold, allow_missing_masks=a.allow_missing_masks)
     out = Path(a.report) if a.report else None
     if out is not None:
@@ -111,7 +111,7 @@ def cmd_predict(a) -> int:
     from .data import open_image, pil_to_array
     from .visualize import overlay
 
-    predictor = load(a.model)
+    predictor = load(a.model, tile=a.tile or None)
     paths = _expand_inputs(a.inputs)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -146,11 +146,25 @@ def cmd_predict(a) -> int:
     return 0
 
 
+def cmd_export(a) -> int:
+    from .export import OnnxPredictor, export_onnx
+
+    out = export_onnx(a.model, a.out, opset=a.opset)
+    check = json.loads(OnnxPredictor.load(out).meta["onnx"]["export_check"])
+    print(f"ONNX model written to {out} (opset {a.opset}; max map difference from PyTorch "
+          f"{check['max_abs_map_diff']:.1e} on {check['images']} check images)")
+    return 0
+
+
 def cmd_demo(a) -> int:
     from .demo import run_demo
 
     report = run_demo(a.out, minutes=a.max_minutes, seed=a.seed, progress=not a.no_progress)
     return 0 if report else 1
+
+
+_TILE_HELP = ("score images larger than the model as overlapping model-size tiles at native resolution "
+              "(default: only for models trained on crops)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,22 +179,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("test", help="evaluate a model on DATA/test with the ground truth")
-    p.add_argument("model", help="model folder or run folder")
+    p.add_argument("model", help="model folder, run folder or .onnx file")
     p.add_argument("data")
     p.add_argument("--report", help="write the full report as JSON here")
     p.add_argument("--threshold", type=float, help="override the stored threshold")
     p.add_argument("--allow-missing-masks", action="store_true",
                    help="evaluate defective images without a mask on image metrics only")
+    p.add_argument("--tile", action="store_true", help=_TILE_HELP)
     p.set_defaults(func=cmd_test)
 
     p = sub.add_parser("predict", help="score images; write heatmap overlays and one JSON line per image")
-    p.add_argument("model")
+    p.add_argument("model", help="model folder, run folder or .onnx file")
     p.add_argument("inputs", nargs="+", help="image files or folders")
     p.add_argument("--out", required=True, help="folder for the overlays")
     p.add_argument("--threshold", type=float, help="override the stored threshold")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--save-maps", action="store_true", help="also save each raw map as .npy")
+    p.add_argument("--tile", action="store_true", help=_TILE_HELP)
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="export a model to one self-describing file for other runtimes")
+    p.add_argument("model", help="model folder or run folder")
+    p.add_argument("--format", choices=["onnx"], default="onnx")
+    p.add_argument("--out", help="output file (default: <model folder>.onnx)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default: 18)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="generate a dataset, train, evaluate and show heatmaps (<= 10 min on CPU)")
     p.add_argument("--out", default="grdnet-demo")

@@ -168,7 +168,7 @@ def train(data, out, model_cfg: ModelConfig, train_cfg: TrainConfig, *, accelera
     }
     (out / "run.json").write_text(json.dumps(run_info, indent=2, default=str))
 
-    dataset = ImageDataset(train_paths, model_cfg.channels, model_cfg.image_size)
+    dataset = ImageDataset(train_paths, model_cfg.channels, model_cfg.image_size, crop=train_cfg.train_crops)
     batch_size = min(train_cfg.batch_size, len(dataset))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
                                          num_workers=train_cfg.num_workers,
@@ -200,7 +200,7 @@ def train(data, out, model_cfg: ModelConfig, train_cfg: TrainConfig, *, accelera
     if trainer.global_rank != 0:
         return out / "model"
 
-    predictor = Predictor(module.inference_net(), model_cfg, device=module.device)
+    predictor = Predictor(module.inference_net(), model_cfg, device=module.device, tile=train_cfg.train_crops)
     cal = calibrate_threshold(predictor, val_paths or train_paths, train_cfg.threshold_quantile)
     if not val_paths:
         log.warning("too few training images to hold out a validation split: threshold calibrated on "
