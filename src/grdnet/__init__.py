@@ -15,6 +15,7 @@ from .api import load, train  # noqa: E402
 from .config import ModelConfig, TrainConfig, build_config  # noqa: E402
 from .errors import GRDNetError  # noqa: E402
 from .scoring import Prediction, Predictor  # noqa: E402
+from .export import OnnxPredictor, export_onnx  # noqa: E402
 
-__all__ = ["load", "train", "Predictor", "Prediction", "ModelConfig", "TrainConfig", "build_config",
+__all__ = ["load", "train", "Predictor", "OnnxPredictor", "export_onnx", "Prediction", "ModelConfig", "TrainConfig", "build_config",
            "GRDNetError", "__version__"]

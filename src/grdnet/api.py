@@ -6,12 +6,24 @@ from pathlib import Path
 
 from .config import build_config, file_section
 from .errors import GRDNetError
-from .scoring import Predictor
+from .scoring import BasePredictor, Predictor
 
 
-def load(path, device: str = "cpu") -> Predictor:
-    """Load a trained model (a model folder or a run folder) for prediction."""
-    return Predictor.load(path, device=device)
+def load(path, device: str = "cpu", tile: bool | None = None) -> BasePredictor:
+    """Load a trained model for prediction: a model folder or a run folder (PyTorch `Predictor`),
+    or a `.onnx` file written by `grdnet export` (ONNX Runtime `OnnxPredictor`, CPU).
+
+    `tile`: score images larger than the model as overlapping tiles (default: only for models
+    trained on crops); see `BasePredictor.predict`.
+    """
+    if Path(path).suffix.lower() == ".onnx" and not Path(path).is_dir():
+        from .export import OnnxPredictor
+
+        if str(device) != "cpu":
+            from .errors import GRDNetError
+            raise GRDNetError(f"{path}: ONNX models run on the CPU here; load the model folder for device {device}")
+        return OnnxPredictor.load(path, tile=tile)
+    return Predictor.load(path, device=device, tile=tile)
 
 
 def train(data, out, preset: str = "cpu", *, epochs: int | None = None, max_minutes: float | None = None,

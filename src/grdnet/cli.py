@@ -129,7 +129,7 @@ def cmd_test(a) -> int:
         if a.out:
             print(f"reports written to {a.out} (open {Path(a.out) / 'index.html'})")
         return 0
-    predictor = load(a.model)
+    predictor = load(a.model, tile=a.tile or None)
     if a.out:
         report = write_report(predictor, a.data, a.out, model_path=a.model, threshold=a.threshold,
                               allow_missing_masks=a.allow_missing_masks, gallery_size=a.gallery,
@@ -193,7 +193,7 @@ def cmd_predict(a) -> int:
     from .data import open_image, pil_to_array
     from .visualize import overlay
 
-    predictor = load(a.model)
+    predictor = load(a.model, tile=a.tile or None)
     paths = _expand_inputs(a.inputs)
     roi_file = Path(a.roi) if a.roi else None
     if roi_file is not None and not roi_file.is_file():
@@ -264,6 +264,16 @@ def cmd_roi(a) -> int:
     return 0
 
 
+def cmd_export(a) -> int:
+    from .export import OnnxPredictor, export_onnx
+
+    out = export_onnx(a.model, a.out, opset=a.opset)
+    check = json.loads(OnnxPredictor.load(out).meta["onnx"]["export_check"])
+    print(f"ONNX model written to {out} (opset {a.opset}; max map difference from PyTorch "
+          f"{check['max_abs_map_diff']:.1e} on {check['images']} check images)")
+    return 0
+
+
 def cmd_demo(a) -> int:
     from .demo import run_demo
 
@@ -279,6 +289,10 @@ def cmd_serve(a) -> int:
                              api_key=a.api_key or os.environ.get("GRDNET_API_KEY"))
     serve(a.model, host=a.host, port=a.port, workers=a.workers, settings=settings)
     return 0
+
+
+_TILE_HELP = ("score images larger than the model as overlapping model-size tiles at native resolution "
+              "(default: only for models trained on crops)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -300,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("test", help="evaluate a model on DATA/test with the ground truth")
-    p.add_argument("model", help="model folder or run folder")
+    p.add_argument("model", help="model folder, run folder or .onnx file")
     p.add_argument("data")
     p.add_argument("--report", help="write the full report as JSON here")
     p.add_argument("--threshold", type=float, help="override the stored threshold")
@@ -312,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write a report folder here: report.json, images.csv, curves, gallery, "
                                  "index.html (for a multi-category DATA: one per category and a summary)")
     p.add_argument("--gallery", type=int, default=6, help="worst misses and false alarms shown (default 6 each)")
+
+    p.add_argument("--tile", action="store_true", help=_TILE_HELP)
     p.set_defaults(func=cmd_test)
 
     p = sub.add_parser("calibrate", help="set a model's threshold on a labelled validation folder")
@@ -323,13 +339,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("predict", help="score images; write heatmap overlays and one JSON line per image")
-    p.add_argument("model")
+    p.add_argument("model", help="model folder, run folder or .onnx file")
     p.add_argument("inputs", nargs="+", help="image files or folders")
     p.add_argument("--out", required=True, help="folder for the overlays")
     p.add_argument("--threshold", type=float, help="override the stored threshold")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--save-maps", action="store_true", help="also save each raw map as .npy")
     p.add_argument("--roi", help="one ROI mask applied to every image (zeroes the map outside it)")
+    p.add_argument("--tile", action="store_true", help=_TILE_HELP)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("roi", help="make a ROI mask from rectangles/polygons or by thresholding an image")
@@ -343,6 +360,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, help="0..255 for --from-image (default: Otsu's)")
     p.add_argument("--invert", action="store_true", help="with --from-image: ROI = darker pixels")
     p.set_defaults(func=cmd_roi)
+
+
+    p = sub.add_parser("export", help="export a model to one self-describing file for other runtimes")
+    p.add_argument("model", help="model folder or run folder")
+    p.add_argument("--format", choices=["onnx"], default="onnx")
+    p.add_argument("--out", help="output file (default: <model folder>.onnx)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default: 18)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="generate a dataset, train, evaluate and show heatmaps (<= 10 min on CPU)")
     p.add_argument("--out", default="grdnet-demo")

@@ -80,6 +80,9 @@ class TrainConfig:
     rotation: float = 90.0  # degrees, uniform in [-rotation, +rotation]
     hflip: bool = True
     vflip: bool = True
+    # Train on random model-size crops at native resolution instead of whole images resized (for
+    # images much larger than the model size); the model is then scored with tiled inference.
+    train_crops: bool = False
     # Data and bookkeeping.
     val_fraction: float = 0.1  # good training images held out to calibrate the threshold
     threshold_quantile: float = 0.99

@@ -63,17 +63,18 @@ def pil_to_array(img: Image.Image, channels: int) -> np.ndarray:
     return a[..., None] if a.ndim == 2 else a
 
 
-def array_to_tensor(a: np.ndarray, size: int) -> torch.Tensor:
-    """(H, W, C) uint8 or float in [0, 1] -> (C, size, size) float in [0, 1]."""
+def array_to_tensor(a: np.ndarray, size: int | None) -> torch.Tensor:
+    """(H, W, C) uint8 or float in [0, 1] -> (C, size, size) float in [0, 1]; `size=None` keeps
+    the image's own size (tiles, crops)."""
     t = torch.from_numpy(np.array(a, copy=True))
     t = t.float() / 255.0 if t.dtype == torch.uint8 else t.float()
     t = t.permute(2, 0, 1)[None]
-    if t.shape[-2:] != (size, size):
+    if size is not None and t.shape[-2:] != (size, size):
         t = F.interpolate(t, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     return t[0].clamp(0, 1)
 
 
-def load_image(path, channels: int, size: int) -> torch.Tensor:
+def load_image(path, channels: int, size: int | None) -> torch.Tensor:
     return array_to_tensor(pil_to_array(open_image(path), channels), size)
 
 
@@ -169,25 +170,42 @@ def test_samples(root, allow_missing_masks: bool = False) -> list[TestSample]:
 class ImageDataset(torch.utils.data.Dataset):
     """Training images at model size, with an optional ROI per image (1, S, S) in {0, 1}.
 
+    `crop=True` keeps each image at its own resolution and returns a random model-size crop
+    (ROI cropped alike) instead of the whole image resized: the model then sees defects at their
+    real pixel size, and tiled inference (`predict(..., tile=True)`) matches it. Images smaller
+    than the model size are padded by repeating their edge.
+
     Small datasets are decoded once and kept in memory as uint8 (the usual case on one machine);
     large ones are decoded on demand in the loader's workers.
     """
 
     CACHE_BYTES = 2 * 1024 ** 3
 
-    def __init__(self, paths: list[Path], channels: int, size: int, rois: list[Path | None] | None = None):
+    def __init__(self, paths: list[Path], channels: int, size: int, rois: list[Path | None] | None = None,
+                 crop: bool = False):
         self.paths, self.channels, self.size = list(paths), channels, size
-        self.rois = rois
+        self.rois, self.crop = rois, crop
         self.cache = None
-        if len(self.paths) * channels * size * size < self.CACHE_BYTES:
-            self.cache = torch.stack([self._decode(i) for i in range(len(self.paths))])
+        if crop:
+            pixels = sum(max(w, size) * max(h, size) for w, h in map(image_size_of, self.paths))
+        else:
+            pixels = len(self.paths) * size * size
+        if pixels * channels < self.CACHE_BYTES:
+            self.cache = [self._decode(i) for i in range(len(self.paths))]
 
     def _decode(self, i: int) -> torch.Tensor:
-        img = load_image(self.paths[i], self.channels, self.size)
-        roi = torch.ones(1, self.size, self.size)
+        """(C + 1, H, W) uint8: the image then its ROI; H = W = size unless cropping."""
+        size = None if self.crop else self.size
+        img = load_image(self.paths[i], self.channels, size)
+        roi = torch.ones(1, *img.shape[1:])
         if self.rois is not None and self.rois[i] is not None:
-            roi = load_roi(self.rois[i], self.size, image_path=self.paths[i])
-        return (torch.cat([img, roi]) * 255).round().to(torch.uint8)
+            roi = load_roi(self.rois[i], size, image_path=self.paths[i])
+        item = (torch.cat([img, roi]) * 255).round().to(torch.uint8)
+        h, w = item.shape[1:]
+        if self.crop and (h < self.size or w < self.size):
+            pad = (0, max(0, self.size - w), 0, max(0, self.size - h))
+            item = F.pad(item[None].float(), pad, mode="replicate")[0].to(torch.uint8)
+        return item
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -195,16 +213,24 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> torch.Tensor:
         """(C + 1, S, S) float: image channels then the ROI channel."""
         item = self.cache[i] if self.cache is not None else self._decode(i)
+        if self.crop:
+            h, w = item.shape[1:]
+            y = int(torch.randint(h - self.size + 1, ()))
+            x = int(torch.randint(w - self.size + 1, ()))
+            item = item[:, y:y + self.size, x:x + self.size]
         return item.float() / 255.0
 
 
-def load_roi(path, size: int, image_path=None) -> torch.Tensor:
-    """ROI mask resized to the model size, (1, S, S) in {0, 1}. An all-zero ROI is an error."""
-    mask = load_mask(path)
+def load_roi(path, size: int | None, image_path=None) -> torch.Tensor:
+    """ROI mask resized to the model size, (1, S, S) in {0, 1} (`size=None`: at the image's own
+    size, which it must have). An all-zero ROI is an error."""
+    mask = load_mask(path, None if size is not None or image_path is None else image_size_of(image_path))
     if not mask.any():
         raise GRDNetError(f"{path}: ROI mask is empty (all zero): nothing to learn for "
                           f"{image_path or 'this image'}")
     t = torch.from_numpy(mask.astype(np.float32))[None, None]
+    if size is None:
+        return t[0]
     return (F.interpolate(t, size=(size, size), mode="nearest")[0] > 0.5).float()
 
 

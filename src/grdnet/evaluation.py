@@ -10,12 +10,12 @@ import numpy as np
 from .data import image_size_of, load_mask, test_samples
 from .roi import find_rois, roi_for_image
 from .metrics import evaluate, threshold_metrics
-from .scoring import Predictor
+from .scoring import BasePredictor
 
 log = logging.getLogger(__name__)
 
 
-def run_test(predictor: Predictor, data, threshold: float | None = None, batch_size: int = 16,
+def run_test(predictor: BasePredictor, data, threshold: float | None = None, batch_size: int = 16,
              allow_missing_masks: bool = False, on_result=None, bins: int | None = 10_000,
              curves: bool = False, roi=None, roi_default=None) -> dict:
     """Evaluate `predictor` on `data/test` (MVTec AD layout); returns the report dict.

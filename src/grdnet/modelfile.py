@@ -66,10 +66,7 @@ def read_config(path) -> tuple[Path, dict]:
         doc = json.loads((folder / CONFIG).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise GRDNetError(f"{folder / CONFIG}: unreadable model config ({e})") from None
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise GRDNetError(f"{folder / CONFIG}: not a grdnet model config")
-    if doc.get("format_version", 0) > FORMAT_VERSION:
-        raise GRDNetError(f"{folder / CONFIG}: model format {doc['format_version']} is newer than this grdnet")
+    parse_config(doc, folder / CONFIG)
     return folder, doc
 
 
@@ -78,15 +75,24 @@ def load_model(path):
     from .scoring import InferenceNet
 
     folder, doc = read_config(path)
-    try:
-        cfg = ModelConfig(**doc["model"])
-    except (TypeError, KeyError) as e:
-        raise GRDNetError(f"{folder / CONFIG}: invalid model section ({e})") from None
+    cfg, meta = parse_config(doc, folder / CONFIG)
     net = InferenceNet.build(cfg)
     try:
         state = load_file(str(folder / WEIGHTS))
         net.load_state_dict(state, strict=True)
     except Exception as e:  # safetensors raises its own error types for corrupt files
         raise GRDNetError(f"{folder / WEIGHTS}: cannot load weights ({str(e).splitlines()[0]})") from None
-    meta = {k: v for k, v in doc.items() if k not in ("format", "format_version", "model")}
     return net.eval(), cfg, meta
+
+
+def parse_config(doc: dict, where) -> tuple[ModelConfig, dict]:
+    """A config.json document -> (ModelConfig, the rest: threshold, training summary, ...)."""
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise GRDNetError(f"{where}: not a grdnet model config")
+    if doc.get("format_version", 0) > FORMAT_VERSION:
+        raise GRDNetError(f"{where}: model format {doc['format_version']} is newer than this grdnet")
+    try:
+        cfg = ModelConfig(**doc["model"])
+    except (TypeError, KeyError) as e:
+        raise GRDNetError(f"{where}: invalid model section ({e})") from None
+    return cfg, {k: v for k, v in doc.items() if k not in ("format", "format_version", "model")}

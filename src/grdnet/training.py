@@ -557,7 +557,8 @@ def train(data, out, model_cfg: ModelConfig, train_cfg: TrainConfig, *, accelera
         rois = find_rois(train_paths, data, roi, roi_default)
         for r, p in zip(rois, train_paths):
             check_roi_size(r, p)
-    dataset = ImageDataset(train_paths, model_cfg.channels, model_cfg.image_size, rois=rois)
+    dataset = ImageDataset(train_paths, model_cfg.channels, model_cfg.image_size, rois=rois,
+                           crop=train_cfg.train_crops)
     datamodule = _TrainData(dataset, train_cfg.batch_size, train_cfg.seed, train_cfg.num_workers)
     textures = None
     if train_cfg.texture_dir:
@@ -606,7 +607,7 @@ def train(data, out, model_cfg: ModelConfig, train_cfg: TrainConfig, *, accelera
     # Rank 0 alone calibrates over the whole validation split: one pass over a few thousand images
     # at most, identical whatever the number of training processes, and no padded duplicates from
     # sharding to skew the quantile.
-    predictor = Predictor(module.inference_net(), model_cfg, device=module.device)
+    predictor = Predictor(module.inference_net(), model_cfg, device=module.device, tile=train_cfg.train_crops)
     cal = calibrate_threshold(predictor, val_paths or train_paths, train_cfg.threshold_quantile)
     if not val_paths:
         log.warning("too few training images to hold out a validation split: threshold calibrated on "
