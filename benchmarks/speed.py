@@ -227,7 +227,9 @@ def _ort_profile(onnx_file: Path, x, where: str, reps: int, top: int = 12):
     sess = ort.InferenceSession(str(onnx_file), opts, providers=["CPUExecutionProvider"])
     for _ in range(reps):
         sess.run(None, {"image": x})
-    trace = json.loads(Path(sess.end_profiling()).read_text())
+    trace_file = Path(sess.end_profiling())
+    trace = json.loads(trace_file.read_text())
+    trace_file.unlink()
     by_op: dict[str, float] = {}
     for ev in trace:
         if ev.get("cat") == "Node" and ev.get("name", "").endswith("_kernel_time"):
