@@ -162,3 +162,11 @@ def test_cli_bad_models_are_one_line_errors(trained_tiny, tmp_path):
     image = next((data / "test" / "good").iterdir())
     _assert_clean_error(run_cli("test", image, data), str(image), "not a grdnet model")
     _assert_clean_error(run_cli("export", tmp_path, "--out", tmp_path / "x.onnx"), "not a grdnet model")
+
+
+def test_unsupported_opset_is_refused(tmp_path):
+    cfg, _ = build_config("tiny")
+    folder = save_model(tmp_path / "model", InferenceNet.build(cfg), cfg, {})
+    with pytest.raises(GRDNetError, match="opset 7"):
+        export_onnx(folder, tmp_path / "old.onnx", opset=7)
+    assert not (tmp_path / "old.onnx").exists()

@@ -127,6 +127,10 @@ def export_onnx(model_path, out_file=None, opset: int = DEFAULT_OPSET) -> Path:
     finally:
         registration_log.setLevel(level)
     proto = program.model_proto
+    got = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if got != opset:  # the exporter falls back to its lowest supported opset without saying so
+        raise GRDNetError(f"{folder}: cannot export at ONNX opset {opset} (the exporter produced opset {got}); "
+                          "use 17 or newer")
     proto.graph.doc_string = f"grdnet {__version__} anomaly detector: {INPUT} -> {', '.join(OUTPUTS)}"
     onnx.checker.check_model(proto)
 

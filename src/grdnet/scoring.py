@@ -260,10 +260,11 @@ class Predictor(BasePredictor):
 
 def cpu_inference_net(net: nn.Module) -> nn.Module:
     """A copy of `net` (eval mode) for CPU inference: batch norms folded into the convolutions
-    before them, weights in channels-last layout. Measured 1.8x faster than plain eager at the
-    `cpu` preset (benchmarks/speed.py --only variants; docs/PERFORMANCE.md); torch.compile was
-    no faster than this once compiled and takes minutes to compile. A copy, so that networks
-    shared with a training run are left alone; `net` itself if it cannot be traced."""
+    before them, weights in channels-last layout. Measured at the `cpu` preset about 2x faster
+    than plain eager at batch 1 and 1.1-1.3x at batch 16 (benchmarks/speed.py --only variants,
+    docs/PERFORMANCE.md). torch.compile gained at most ~20% more, at batch 1 only, after a cold
+    compile of about a minute per batch shape, so it is not used. A copy, so that networks shared
+    with a training run are left alone; `net` itself if it cannot be traced."""
     with warnings.catch_warnings():  # the module imports deprecated torch.jit helpers it does not use here
         warnings.simplefilter("ignore", DeprecationWarning)
         from torch.fx.experimental.optimization import fuse
