@@ -509,7 +509,7 @@ def _fit(out: Path, datamodule, module, *, resume: bool, accelerator, devices, n
     if trainer.interrupted:
         raise GRDNetError(f"{out}: training was interrupted; no model was written")
     if checkpointing:  # the final state too, so that --resume can extend a finished run
-        trainer.save_checkpoint(ckpt_dir / CHECKPOINT)
+        trainer.save_checkpoint(ckpt_dir / CHECKPOINT, weights_only=False)  # full state, to resume
     return trainer
 
 
