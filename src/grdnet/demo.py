@@ -3,7 +3,6 @@ test defects (scratches, dents, stains, cracks) come from other processes than t
 training defects, trains the `cpu` preset on it for 8 minutes, evaluates, and writes heatmaps."""
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 

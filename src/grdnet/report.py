@@ -16,7 +16,6 @@ import datetime as dt
 import heapq
 import html
 import itertools
-import json
 import logging
 from pathlib import Path
 

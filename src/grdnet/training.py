@@ -43,7 +43,7 @@ from .losses import (adversarial_loss, contextual_loss, discriminator_loss, late
                      segmentation_loss)
 from .model import Discriminator, Generator, Segmenter
 from .modelfile import save_model
-from .scoring import InferenceNet, Predictor, image_scores
+from .scoring import InferenceNet, Predictor
 
 log = logging.getLogger(__name__)
 
