@@ -49,3 +49,39 @@ def test_texture_sources_are_used():
     d = syn(x, _gen(0))
     inside = d.mask[:, 0] > 0
     assert torch.allclose(d.image[:, 0][inside], torch.ones(1)) and d.image[:, 1].max() == 0
+
+
+def test_shade_source_keeps_the_texture_and_changes_the_tone():
+    syn = DefectSynthesizer(TrainConfig(sources=("shade",)))
+    x = 0.2 + 0.6 * torch.rand(16, 1, 32, 32)
+    s = syn.sources(x, _gen(0))
+    ratio = s / x  # a smooth gain: neighbouring pixels share nearly the same factor
+    assert (ratio[..., 1:] - ratio[..., :-1]).abs().mean() < 0.1 * (ratio - 1).abs().mean()
+    assert (ratio < 1).float().mean() > 0.5  # mostly darker, like holes and stains
+    assert s.min() >= 0 and s.max() <= 1
+
+
+def test_self_source_is_another_image_of_the_batch_shifted():
+    syn = DefectSynthesizer(TrainConfig(sources=("self",)))
+    x = torch.rand(6, 1, 16, 16)
+    s = syn.sources(x, _gen(1))
+    pool = {tuple(sorted(img.flatten().tolist())) for img in x}
+    assert all(tuple(sorted(img.flatten().tolist())) in pool for img in s)  # same pixels, moved
+    assert not torch.equal(s, x)
+
+
+def test_mixed_sources_draw_every_kind():
+    x = torch.zeros(64, 1, 16, 16)  # a shaded black image stays black; a colour field does not
+    syn = DefectSynthesizer(TrainConfig(sources=("noise", "shade")))
+    shaded = syn.sources(x, _gen(2)).flatten(1).amax(1) == 0
+    assert 16 < int(shaded.sum()) < 48
+
+
+def test_unknown_source_kind_is_an_error():
+    import pytest
+
+    from grdnet import GRDNetError
+    with pytest.raises(GRDNetError, match="sources"):
+        TrainConfig(sources=("nois",))
+    with pytest.raises(GRDNetError, match="sources"):
+        TrainConfig(sources=())

@@ -76,6 +76,9 @@ class TrainConfig:
     beta_min: float = 0.5
     beta_max: float = 1.0
     texture_dir: str | None = None
+    # Anomaly source kinds, one drawn per sample: "noise" (DRAEM colour blobs, or texture_dir crops),
+    # "shade" (the image darkened/brightened), "self" (another training image's texture, shifted).
+    sources: tuple[str, ...] = ("noise",)
     # Augmentation.
     rotation: float = 90.0  # degrees, uniform in [-rotation, +rotation]
     hflip: bool = True
@@ -94,6 +97,10 @@ class TrainConfig:
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
+        self.sources = tuple(self.sources)
+        bad = sorted(set(self.sources) - {"noise", "shade", "self"}) or ([] if self.sources else ["(none)"])
+        if bad:
+            raise GRDNetError(f"sources must be a non-empty list of noise, shade, self; got {', '.join(bad)}")
         if self.roi_mode not in ("target", "prediction", "none"):
             raise GRDNetError(f"roi_mode must be target, prediction or none, got {self.roi_mode!r}")
 

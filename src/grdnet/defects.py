@@ -2,7 +2,14 @@
 
 A Perlin-noise field at a random scale per sample is thresholded into a binary mask M; inside M the
 image is blended with an anomaly source S: `X_n = X * (1 - M) + M * ((1 - beta) * X + beta * S)`.
-S is a random two-colour field modulated by a second noise field, or a crop of a user texture.
+The anomaly source S is drawn per sample from the kinds listed in `TrainConfig.sources`:
+
+* ``noise``: a random two-colour field modulated by a second noise field (DRAEM's colour blobs);
+  replaced by a crop of a user texture when a texture folder is given;
+* ``shade``: the image itself, darkened or brightened by a random gain under a smooth noise field:
+  the texture stays, the tone changes (holes, stains, burns, uneven surface);
+* ``self``: another image of the batch, flipped and shifted: the product's own texture out of place
+  (transplanted material, misaligned structure).
 """
 from __future__ import annotations
 
@@ -82,8 +89,7 @@ class DefectSynthesizer:
             out[todo, c - side // 2:c - side // 2 + side, c - side // 2:c - side // 2 + side] = 1
         return out[:, None]
 
-    def sources(self, batch: int, channels: int, size: int, gen=None, device=None) -> torch.Tensor:
-        """Anomaly sources S (B, C, S, S) in [0, 1]."""
+    def _noise_source(self, batch: int, channels: int, size: int, gen=None, device=None) -> torch.Tensor:
         if self.textures is not None:
             idx = torch.randint(len(self.textures), (batch,), generator=gen, device=self.textures.device)
             tex = self.textures[idx].to(device)
@@ -97,6 +103,38 @@ class DefectSynthesizer:
         mix = (perlin(batch, size, res, gen, device)[:, None] / 1.4 + 0.5).clamp(0, 1)
         return torch.lerp(c1, c2, mix)
 
+    def _shade_source(self, x: torch.Tensor, gen=None) -> torch.Tensor:
+        b, _, size, _ = x.shape
+        # log-gain in [-1.5, 0.7]: mostly darker (x0.22 .. x2), as most surface defects are
+        log_gain = torch.empty(b, 1, 1, 1, device=x.device).uniform_(-1.5, 0.7, generator=gen)
+        res = self._random_res(b, gen, x.device).clamp(min=2)
+        field = (perlin(b, size, res, gen, x.device)[:, None] / 1.4 + 0.5).clamp(0, 1)
+        return (x * torch.exp(log_gain * (0.5 + field))).clamp(0, 1)
+
+    def _self_source(self, x: torch.Tensor, gen=None) -> torch.Tensor:
+        b, _, size, _ = x.shape
+        other = x[torch.randperm(b, generator=gen, device=x.device)] if b > 1 else x
+        other = other.flip(-1) if bool(torch.rand(1, generator=gen, device=x.device) < 0.5) else other
+        dy, dx = (int(v) for v in torch.randint(size // 4, 3 * size // 4, (2,), generator=gen, device=x.device))
+        return torch.roll(other, (dy, dx), dims=(-2, -1))
+
+    def sources(self, x: torch.Tensor, gen=None) -> torch.Tensor:
+        """Anomaly sources S (B, C, H, W) in [0, 1] for the batch `x`, one kind per sample."""
+        b, c, size, _ = x.shape
+        kinds = self.cfg.sources
+        made = {"noise": lambda: self._noise_source(b, c, size, gen, x.device),
+                "shade": lambda: self._shade_source(x, gen),
+                "self": lambda: self._self_source(x, gen)}
+        if len(kinds) == 1:
+            return made[kinds[0]]()
+        pick = torch.randint(len(kinds), (b,), generator=gen, device=x.device)
+        out = torch.empty_like(x)
+        for i, kind in enumerate(kinds):
+            chosen = pick == i
+            if chosen.any():
+                out[chosen] = made[kind]()[chosen]
+        return out
+
     def __call__(self, x: torch.Tensor, gen: torch.Generator | None = None) -> DefectBatch:
         b, c, h, w = x.shape
         assert h == w, "the model works on square images"
@@ -105,7 +143,7 @@ class DefectSynthesizer:
         has_defect = (torch.rand(b, generator=gen, device=dev) < self.cfg.defect_prob).float()
         mask = mask * has_defect[:, None, None, None]
         beta = torch.empty(b, 1, 1, 1, device=dev).uniform_(self.cfg.beta_min, self.cfg.beta_max, generator=gen)
-        src = self.sources(b, c, h, gen, dev)
+        src = self.sources(x, gen)
         blended = (1 - beta) * x + beta * src
         return DefectBatch(image=x * (1 - mask) + mask * blended, mask=mask)
 
