@@ -69,3 +69,15 @@ def test_module_step_uses_rank_and_step_seeded_defects():
     g1 = mod._defect_generator(0).initial_seed()
     g2 = mod._defect_generator(1).initial_seed()
     assert g1 != g2
+
+
+def test_segmenter_learning_rate_is_its_own():
+    m, t = build_config("tiny", train={"lr": 1e-4, "seg_lr": 1e-3})
+    mod = GRDNetModule(m, t)
+    (g_opt, d_opt), _ = mod.configure_optimizers()
+    seg = {id(p) for p in mod.segmenter.parameters()}
+    for group in g_opt.param_groups:
+        assert group["lr"] == (1e-3 if {id(p) for p in group["params"]} <= seg else 1e-4)
+    assert d_opt.param_groups[0]["lr"] == 1e-4
+    m, t = build_config("tiny", train={"lr": 2e-4})
+    assert {g["lr"] for g in GRDNetModule(m, t).configure_optimizers()[0][0].param_groups} == {2e-4}

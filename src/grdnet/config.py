@@ -54,6 +54,8 @@ class TrainConfig:
     batch_size: int = 8
     lr: float = 1e-4
     betas: tuple[float, float] = (0.5, 0.999)
+    # The segmenter is a plain supervised U-Net: it can learn faster than the GAN tolerates.
+    seg_lr: float | None = None  # None: same as lr
     plateau_patience: int = 3
     plateau_factor: float = 0.904837418  # e**-0.1, the paper's schedule
     # Loss weights (paper: w_adv 1, w_con 50, w_enc 1; contextual = wa*L1 + wb*(1-SSIM)).

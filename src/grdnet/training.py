@@ -85,7 +85,8 @@ class GRDNetModule(L.LightningModule):
 
     def configure_optimizers(self):
         t = self.train_cfg
-        g_opt = torch.optim.Adam(list(self.generator.parameters()) + list(self.segmenter.parameters()),
+        g_opt = torch.optim.Adam([{"params": self.generator.parameters()},
+                                  {"params": self.segmenter.parameters(), "lr": t.seg_lr or t.lr}],
                                  lr=t.lr, betas=t.betas)
         d_opt = torch.optim.Adam(self.discriminator.parameters(), lr=t.lr, betas=t.betas)
         sched = [torch.optim.lr_scheduler.ReduceLROnPlateau(o, mode="min", factor=t.plateau_factor,
