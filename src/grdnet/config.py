@@ -100,9 +100,8 @@ class TrainConfig:
     def __post_init__(self):
         self.betas = tuple(self.betas)
         self.sources = tuple(self.sources)
-        bad = sorted(set(self.sources) - {"noise", "shade", "self"}) or ([] if self.sources else ["(none)"])
-        if bad:
-            raise GRDNetError(f"sources must be a non-empty list of noise, shade, self; got {', '.join(bad)}")
+        if not self.sources or not set(self.sources) <= {"noise", "shade", "self"}:
+            raise GRDNetError(f"sources must be a non-empty list of noise, shade, self; got {list(self.sources)}")
         if self.roi_mode not in ("target", "prediction", "none"):
             raise GRDNetError(f"roi_mode must be target, prediction or none, got {self.roi_mode!r}")
 
