@@ -85,3 +85,13 @@ def test_unknown_source_kind_is_an_error():
         TrainConfig(sources=("nois",))
     with pytest.raises(GRDNetError, match="sources"):
         TrainConfig(sources=())
+
+
+def test_threshold_range_adds_large_defects():
+    def areas(cfg):
+        return DefectSynthesizer(cfg).masks(400, 64, _gen(4)).flatten(1).mean(1)
+
+    fixed = areas(TrainConfig(perlin_max_exp=4))
+    ranged = areas(TrainConfig(perlin_max_exp=4, perlin_threshold_low=0.1))
+    assert fixed.max() < 0.2  # the paper's threshold: small blobs only
+    assert (ranged > 0.2).float().mean() > 0.15 and (ranged < 0.05).float().mean() > 0.2

@@ -74,6 +74,10 @@ class TrainConfig:
     perlin_min_exp: int = 0
     perlin_max_exp: int = 5
     perlin_threshold: float = 0.5
+    # When set, each mask's threshold is drawn from [perlin_threshold_low, perlin_threshold]: lower
+    # thresholds give larger defects (0.5: ~1% of the image, 0.1: ~35%), so that the segmenter also
+    # learns to fill large regions (uneven finish, stains, missing coating), not only small blobs.
+    perlin_threshold_low: float | None = None
     min_defect_pixels: int = 25
     beta_min: float = 0.5
     beta_max: float = 1.0

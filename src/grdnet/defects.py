@@ -71,13 +71,19 @@ class DefectSynthesizer:
         lo, hi = self.cfg.perlin_min_exp, self.cfg.perlin_max_exp
         return 2 ** torch.randint(lo, hi + 1, (batch, 2), generator=gen, device=device)
 
+    def _thresholds(self, batch: int, gen, device) -> torch.Tensor | float:
+        lo, hi = self.cfg.perlin_threshold_low, self.cfg.perlin_threshold
+        if lo is None:
+            return hi
+        return torch.empty(batch, 1, 1, device=device).uniform_(lo, hi, generator=gen)
+
     def masks(self, batch: int, size: int, gen=None, device=None) -> torch.Tensor:
         """Binary masks (B, 1, S, S); each has at least `min_defect_pixels` pixels, redrawn if not."""
         out = torch.zeros(batch, size, size, device=device)
         todo = torch.arange(batch, device=device)
         for _ in range(20):  # redraw only the too-small masks; almost all pass on the first draw
             noise = perlin(len(todo), size, self._random_res(len(todo), gen, device), gen, device)
-            m = (noise > self.cfg.perlin_threshold).float()
+            m = (noise > self._thresholds(len(todo), gen, device)).float()
             out[todo] = m
             small = m.flatten(1).sum(1) < self.cfg.min_defect_pixels
             todo = todo[small]
