@@ -166,6 +166,27 @@ def test_resume_extends_a_finished_run_and_refuses_other_settings(tiny_dataset, 
     assert [a["start_step"] for a in json.loads((run / "run.json").read_text())["attempts"]] == [0, steps1]
 
 
+def test_weight_average_is_saved_and_survives_resume(tiny_dataset, tmp_path):
+    ema = {"ema_decay": 0.9, "checkpoint_every_n_steps": 2, "seed": 5}
+
+    def run(name, epochs, resume=False, train=ema):
+        return grdnet.train(tiny_dataset, tmp_path / name, preset="tiny", epochs=epochs, deterministic=True,
+                            train=train, resume=resume, progress=False)
+
+    straight = _weights(run("straight", 2))
+    ckpt = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    def inference_part(state):  # module keys (generator.encoder.*, segmenter.*) -> model file keys
+        return {k.removeprefix("generator."): v for k, v in state.items() if not k.startswith("discriminator.")}
+
+    averaged, raw = inference_part(ckpt["state_dict"]), inference_part(ckpt["current_model_state"])
+    # the model file holds the average, not the last step's weights
+    assert all(torch.equal(straight[k], averaged[k]) for k in straight)
+    assert not all(torch.equal(straight[k], raw[k]) for k in straight)
+    run("split", 1)
+    assert _same(_weights(run("split", 2, resume=True)), straight)  # the average is restored, not restarted
+    assert not _same(_weights(run("plain", 2, train={**ema, "ema_decay": None})), straight)
+
+
 def test_same_seed_deterministic_runs_give_identical_weights(tiny_dataset, tmp_path):
     def run(name, seed):
         return _weights(grdnet.train(tiny_dataset, tmp_path / name, preset="tiny", epochs=2, deterministic=True,

@@ -29,7 +29,7 @@ import torch
 import kornia.augmentation as K
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import ModelCheckpoint, Timer
+from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint, Timer
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
@@ -198,6 +198,23 @@ class GRDNetModule(L.LightningModule):
             sums = loss["sums"]
             own = sums[self.global_rank] if len(sums) == self.trainer.world_size else sums.mean()
             self._loss_sum, self._loss_count, self._loss_epoch = own.clone(), loss["count"], loss["epoch"]
+
+
+class _WeightAverage(EMAWeightAveraging):
+    """Lightning's EMA, plus: the checkpoint written after training keeps the last step's weights
+    for resuming (Lightning has by then copied the average into the module), so that extending a
+    finished run continues exactly where it stopped."""
+
+    _last_step_state: dict | None = None
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._last_step_state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        super().on_train_end(trainer, pl_module)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        if self._last_step_state is not None:
+            checkpoint["current_model_state"] = self._last_step_state
 
 
 class _EpochSampler(torch.utils.data.DistributedSampler):
@@ -577,6 +594,9 @@ def train(data, out, model_cfg: ModelConfig, train_cfg: TrainConfig, *, accelera
     if train_cfg.checkpoint_every_n_steps > 0:
         ckpt_callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
                                               every_n_train_steps=train_cfg.checkpoint_every_n_steps))
+    # Lightning's averaging callback keeps the average in checkpoints (resume restores both) and
+    # copies it into the module when training ends, so everything below sees the averaged weights.
+    averaging = [_WeightAverage(decay=train_cfg.ema_decay)] if train_cfg.ema_decay else []
     run_info = {
         "grdnet": __version__, "torch": torch.__version__, "lightning": L.__version__, **environment(),
         "started": dt.datetime.now().isoformat(timespec="seconds"), "command": command or sys.argv,
@@ -596,8 +616,8 @@ def train(data, out, model_cfg: ModelConfig, train_cfg: TrainConfig, *, accelera
         trainer = _fit(out, datamodule, module, resume=resume, accelerator=accelerator, devices=devices,
                        num_nodes=num_nodes, strategy=strategy, precision=precision, deterministic=deterministic,
                        loggers=_loggers(out, loggers, keep_below, mlflow_run_id),
-                       callbacks=[timer, *ckpt_callbacks, _RunRecord(out / "run.json", run_info, resume),
-                                  *(callbacks or [])],
+                       callbacks=[timer, *averaging, *ckpt_callbacks,
+                                  _RunRecord(out / "run.json", run_info, resume), *(callbacks or [])],
                        train_cfg=train_cfg, progress=progress)
     finally:
         if deterministic:  # a library call should not leave the process in deterministic mode
