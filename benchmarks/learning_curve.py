@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.callbacks import WeightAveraging
 
 import grdnet
 from grdnet.evaluation import run_test
@@ -32,8 +33,12 @@ class Snapshots(L.Callback):
         if elapsed >= self.next:
             self.next += self.every
             folder = self.out / f"snap-{elapsed / 60:05.1f}min"
-            save_model(folder, module.inference_net(), module.model_cfg,
-                       {"threshold": None, "training": {"minutes": elapsed / 60, "steps": trainer.global_step}})
+            # with `ema_decay`, snapshot the weight average: that is what a run stopped here would save
+            averaging = [c for c in trainer.callbacks if isinstance(c, WeightAveraging)]
+            net = averaging[0]._average_model.module if averaging else module
+            save_model(folder, net.inference_net(), module.model_cfg,
+                       {"threshold": None, "training": {"minutes": elapsed / 60, "steps": trainer.global_step,
+                                                   "train_config": {"train_crops": module.train_cfg.train_crops}}})
             self.saved.append((elapsed / 60, trainer.global_step, folder))
 
 
