@@ -207,6 +207,12 @@ class _WeightAverage(EMAWeightAveraging):
 
     _last_step_state: dict | None = None
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        # Lightning builds the average before the module is moved to the accelerator: keep it on the
+        # training device, or every step would copy all weights from the GPU to the CPU.
+        self._device = self._device or trainer.strategy.root_device
+        super().setup(trainer, pl_module, stage)
+
     def on_train_end(self, trainer, pl_module) -> None:
         self._last_step_state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
         super().on_train_end(trainer, pl_module)
