@@ -175,6 +175,7 @@ def test_weight_average_is_saved_and_survives_resume(tiny_dataset, tmp_path):
 
     straight = _weights(run("straight", 2))
     ckpt = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+
     def inference_part(state):  # module keys (generator.encoder.*, segmenter.*) -> model file keys
         return {k.removeprefix("generator."): v for k, v in state.items() if not k.startswith("discriminator.")}
 
