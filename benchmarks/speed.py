@@ -125,9 +125,10 @@ def part_train(a, preset: str):
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from grdnet.training import GRDNetModule
+    from grdnet.training import GRDNetModule, resolve_precision
 
     m, t = _model_cfgs(preset, a.train_batch or (2 if a.quick and preset == "paper" else None))
+    precision = resolve_precision(a.precision, "cpu" if a.device == "cpu" else "gpu")  # grdnet train's default
     warmup, steps = (1, 2) if a.quick else (2, 6)
     if preset == "paper" and a.device == "cpu":
         steps = 1 if a.quick else 3
@@ -162,14 +163,16 @@ def part_train(a, preset: str):
 
     torch.manual_seed(0)
     module = GRDNetModule(m, t)
+    if a.device == "cpu":  # as `grdnet train` does on CPUs
+        module.to(memory_format=torch.channels_last)
     clock = Clock()
     trainer = L.Trainer(accelerator="cpu" if a.device == "cpu" else "gpu", devices=1,
-                        precision=a.precision or "32-true", max_epochs=1, logger=False,  # one epoch = the batches above
+                        precision=precision, max_epochs=1, logger=False,  # one epoch = the batches above
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, callbacks=[clock])
     trainer.fit(module, loader)
     step = statistics.median(clock.times)
-    fields = dict(preset=preset, image_size=s, batch=b, precision=a.precision or "32-true",
+    fields = dict(preset=preset, image_size=s, batch=b, precision=precision,
                   images_per_s=b / step, step_s=step, best_step_s=min(clock.times), steps=len(clock.times),
                   flops_per_step=clock.flops, flops_per_s=clock.flops / step)
 
@@ -191,7 +194,7 @@ def part_train(a, preset: str):
         # Two more steps of the same module under the profiler (a fresh fit: new optimiser state).
         with torch.profiler.profile(activities=_activities(a.device)) as prof:
             L.Trainer(accelerator="cpu" if a.device == "cpu" else "gpu", devices=1,
-                      precision=a.precision or "32-true", max_epochs=1, limit_train_batches=2, logger=False,
+                      precision=precision, max_epochs=1, limit_train_batches=2, logger=False,
                       enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False).fit(module, loader)
         _emit_profile(prof, f"train/{preset}", a.device)
@@ -463,8 +466,9 @@ def main(argv=None):
     p.add_argument("--tiling-preset", default="cpu")
     p.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats (checks the script)")
     p.add_argument("--device", default="cpu", help="cpu | cuda")
-    p.add_argument("--precision", help="training precision (Lightning), e.g. bf16-mixed on a GPU; "
-                                       "bf16 also turns on autocast for GPU inference")
+    p.add_argument("--precision", help="training precision (Lightning); default: grdnet train's (fp32, or "
+                                       "bf16-mixed on CPUs with native bf16); bf16 also turns on autocast "
+                                       "for GPU inference")
     p.add_argument("--train-batch", type=int, help="training batch (default: the preset's)")
     p.add_argument("--infer-batch", type=int, default=16)
     p.add_argument("--threads", type=int, help="torch threads (default: torch's, = physical cores)")

@@ -11,6 +11,7 @@ import time
 from importlib.util import find_spec
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -227,6 +228,29 @@ def test_losses_under_bf16_autocast_match_fp32():
         assert v.dtype == torch.float32 and torch.isfinite(v)
         # the inputs themselves went through a bf16 conv (~3 significant digits); the loss adds no more error
         assert abs(float(v) - float(r)) <= 2e-2 * abs(float(r)) + 1e-4, (float(v), float(r))
+
+
+def test_default_precision_follows_the_cpus_bf16_support(monkeypatch):
+    from grdnet import training
+
+    for native, expected in ((True, "bf16-mixed"), (False, "32-true")):
+        monkeypatch.setattr(training, "native_cpu_bf16", lambda: native)
+        assert training.resolve_precision(None, "cpu") == expected
+        assert training.resolve_precision("32-true", "cpu") == "32-true"  # an explicit choice stands
+
+
+def test_cpu_training_runs_channels_last(tiny_dataset, tmp_path):
+    seen = []
+
+    class Probe(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            w = pl_module.segmenter.down[0][0].weight
+            seen.append(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous())
+
+    model = grdnet.train(tiny_dataset, tmp_path / "cl", preset="tiny", epochs=1, accelerator="cpu",
+                         callbacks=[Probe()], progress=False)
+    assert seen and all(seen)
+    assert grdnet.load(model).predict(np.zeros((32, 32, 3), np.uint8)).anomaly_map.shape == (32, 32)
 
 
 def test_bf16_mixed_training_on_cpu_fp16_and_spawn_refused(tiny_dataset, tmp_path, capsys):

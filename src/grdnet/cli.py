@@ -44,7 +44,8 @@ def _train_args(p: argparse.ArgumentParser):
     p.add_argument("--devices", default="auto", help="number of devices (Lightning)")
     p.add_argument("--num-nodes", type=int, default=1)
     p.add_argument("--strategy", default="auto", help="e.g. ddp")
-    p.add_argument("--precision", help="e.g. bf16-mixed, 16-mixed (GPU); 32-true on CPU")
+    p.add_argument("--precision", help="32-true, bf16-mixed, 16-mixed (GPU only); default 32-true, "
+                   "or bf16-mixed on CPUs with native bf16 (AVX-512 BF16, AMX)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--deterministic", action="store_true",
                    help="deterministic algorithms: the same seed gives the same weights on the same machine")
