@@ -1,0 +1,155 @@
+"""Try a training variant that is not (yet) a package option, then evaluate the model at one and
+at two scales. An experiment harness for docs/EXPERIMENTS.md: a variant that pays off becomes a
+`TrainConfig` option; one that does not stays here, so that the recorded run can be repeated.
+
+    python benchmarks/variants.py ../shared/data/magnetic_tile --out /tmp/v/zoom --variant zoom \
+        --max-minutes 20 [--config overrides.json]
+    python benchmarks/variants.py ../shared/data/magnetic_tile --evaluate /tmp/run/model
+
+Variants (default: none, the preset as it is):
+- `zoom`: half the training images are seen whole (as always), half as a random model-size crop of
+  the image resized to twice the model size: the model learns the surface at 2x detail too.
+- `selfscale`: the `self` anomaly source takes the other image's texture magnified 1-3x (and
+  transposed for 30% of samples): a patch whose texture has another scale or direction.
+- `jitter`: brightness and contrast of each whole training image scaled by e**U(-0.3, 0.3) each
+  (lighting changes are normal).
+
+Evaluation prints image / pixel AUROC / AUPRO for four maps: `whole` (the model's own map),
+`zoom` (the image resized to twice the model size, scored as overlapping tiles), and their
+pixel-wise `mean` and `max`, at twice the model resolution (image score: the model's box-filter
+rule on the map pooled back to model resolution).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import grdnet
+import grdnet.defects
+import grdnet.training
+from grdnet.config import file_section
+from grdnet.data import image_size_of, load_image, load_mask, test_samples
+from grdnet.metrics import evaluate
+from grdnet.scoring import image_scores, resize_map
+
+
+def use_zoom() -> None:
+    class ZoomDataset(grdnet.training.ImageDataset):
+        def __init__(self, paths, channels, size, rois=None, crop=False):
+            if rois is not None or crop:
+                raise SystemExit("the zoom variant supports neither ROIs nor train_crops")
+            self.paths, self.size = list(paths), size
+            self.cache = [(load_image(p, channels, 2 * size) * 255).round().to(torch.uint8) for p in self.paths]
+
+        def __getitem__(self, i):
+            big, s = self.cache[i].float() / 255.0, self.size
+            if float(torch.rand(())) < 0.5:
+                img = F.avg_pool2d(big[None], 2)[0]
+            else:
+                y, x = (int(v) for v in torch.randint(s + 1, (2,)))
+                img = big[:, y:y + s, x:x + s]
+            return torch.cat([img, torch.ones(1, s, s)])
+
+    grdnet.training.ImageDataset = ZoomDataset
+
+
+def use_selfscale() -> None:
+    def self_source(self, x, gen=None):
+        b, _, size, _ = x.shape
+        other = x[torch.randperm(b, generator=gen, device=x.device)] if b > 1 else x
+        zoom = float(torch.empty(()).uniform_(1.0, 3.0, generator=gen))
+        w = max(4, int(round(size / zoom)))
+        y0, x0 = (int(v) for v in torch.randint(size - w + 1, (2,), generator=gen))
+        o = F.interpolate(other[:, :, y0:y0 + w, x0:x0 + w], size=(size, size), mode="bilinear", align_corners=False)
+        if bool(torch.rand(1, generator=gen) < 0.3):
+            o = o.transpose(-1, -2)
+        dy, dx = (int(v) for v in torch.randint(size // 4, 3 * size // 4, (2,), generator=gen))
+        return torch.roll(o, (dy, dx), dims=(-2, -1))
+
+    grdnet.defects.DefectSynthesizer._self_source = self_source
+
+
+def use_jitter() -> None:
+    geometric = grdnet.training.GRDNetModule._augment
+
+    def augment(self, batch, batch_idx):
+        b = geometric(self, batch, batch_idx)
+        c, n = self.model_cfg.channels, len(batch)
+        g = torch.Generator().manual_seed(self._step_seed(batch_idx, 7))
+        x = b[:, :c]
+        gain, contrast = torch.exp(torch.empty(2, n, 1, 1, 1).uniform_(-0.3, 0.3, generator=g))
+        mean = x.mean((1, 2, 3), keepdim=True)
+        return torch.cat([((mean + (x - mean) * contrast) * gain).clamp(0, 1), b[:, c:]], 1)
+
+    grdnet.training.GRDNetModule._augment = augment
+
+
+def two_scale_report(model, data) -> dict:
+    p = grdnet.load(model)
+    s, c = p.cfg.image_size, p.cfg.channels
+    samples = test_samples(data)
+    whole, zoom = [], []
+    for i in range(0, len(samples), 32):
+        chunk = samples[i:i + 32]
+        whole.append(p.maps(torch.stack([load_image(t.path, c, s) for t in chunk])))
+        for t in chunk:
+            big = load_image(t.path, c, 2 * s).permute(1, 2, 0).numpy()
+            zoom.append(torch.from_numpy(p._tiled_map(big, None, 16)[0])[None])
+    whole = F.interpolate(torch.cat(whole), size=(2 * s, 2 * s), mode="bilinear", align_corners=False)
+    zoom = torch.stack(zoom)
+    masks = [None if t.mask_path is None else load_mask(t.mask_path, image_size_of(t.path)) for t in samples]
+    out = {}
+    for name, maps in [("whole", whole), ("zoom", zoom), ("mean", (whole + zoom) / 2),
+                       ("max", torch.maximum(whole, zoom))]:
+        scores = image_scores(F.avg_pool2d(maps, 2), p.cfg)
+
+        def records():
+            for t, m, score, mask in zip(samples, maps, scores, masks):
+                w, h = image_size_of(t.path)
+                yield {"score": float(score), "label": t.label, "defect_type": t.defect_type,
+                       "map": resize_map(m, (h, w)), "mask": np.zeros((h, w), bool) if mask is None else mask}
+
+        r = evaluate(records())
+        o = r["overall"]
+        out[name] = {"image_auroc": round(o["image_auroc"], 3), "pixel_auroc": round(o["pixel_auroc"], 3),
+                     "aupro": round(o["aupro"], 3),
+                     "per_type_image_pixel": {k: [round(v["image_auroc"], 2), round(v["pixel_auroc"], 2)]
+                                              for k, v in r["per_type"].items()}}
+        print(json.dumps({"map": name, **out[name]}), flush=True)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("data")
+    ap.add_argument("--out")
+    ap.add_argument("--variant", choices=["none", "zoom", "selfscale", "jitter"], default="none")
+    ap.add_argument("--preset", default="cpu")
+    ap.add_argument("--max-minutes", type=float, default=20)
+    ap.add_argument("--config", help="JSON file with model/train overrides")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--evaluate", metavar="MODEL", help="only evaluate this model")
+    a = ap.parse_args()
+    model = a.evaluate
+    if model is None:
+        if not a.out:
+            ap.error("--out is needed to train")
+        {"none": lambda: None, "zoom": use_zoom, "selfscale": use_selfscale, "jitter": use_jitter}[a.variant]()
+        t0 = time.time()
+        model = grdnet.train(a.data, a.out, preset=a.preset, max_minutes=a.max_minutes,
+                             model=file_section(a.config, "model"),
+                             train={**file_section(a.config, "train"), "seed": a.seed}, progress=False)
+        info = json.loads((model / "config.json").read_text())["training"]
+        print(json.dumps({"variant": a.variant, "minutes": round((time.time() - t0) / 60, 1),
+                          "epochs": info["epochs"], "steps": info["steps"], "precision": info["precision"]}),
+              flush=True)
+    two_scale_report(model, a.data)
+
+
+if __name__ == "__main__":
+    main()
