@@ -425,8 +425,9 @@ def native_cpu_bf16() -> bool:
 
 def resolve_precision(precision: str | None, accelerator: str) -> str:
     """The precision to train in. Default: fp32 on GPUs; on CPUs with native bf16, bf16-mixed,
-    which trains the `cpu` preset 1.3x (two threads) to 1.9x (one thread) faster per step with no
-    measured loss of quality (docs/PERFORMANCE.md, docs/EXPERIMENTS.md run 18); fp32 on other CPUs."""
+    which trains the `cpu` preset 1.3x (a bare step) to 2.1x (whole runs: 93 epochs in 20 minutes
+    instead of 45) faster with no measured loss of quality (docs/PERFORMANCE.md, docs/EXPERIMENTS.md
+    run 18); fp32 on other CPUs."""
     on_cpu = _on_cpu(accelerator)
     if precision is None:
         precision = "bf16-mixed" if on_cpu and native_cpu_bf16() else "32-true"
