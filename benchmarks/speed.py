@@ -125,10 +125,11 @@ def part_train(a, preset: str):
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from grdnet.training import GRDNetModule, resolve_precision
+    from grdnet.training import GRDNetModule, resolve_precision, use_cpu_layout
 
     m, t = _model_cfgs(preset, a.train_batch or (2 if a.quick and preset == "paper" else None))
-    precision = resolve_precision(a.precision, "cpu" if a.device == "cpu" else "gpu")  # grdnet train's default
+    accelerator = "cpu" if a.device == "cpu" else "gpu"
+    precision = resolve_precision(a.precision, accelerator)  # grdnet train's default
     warmup, steps = (1, 2) if a.quick else (2, 6)
     if preset == "paper" and a.device == "cpu":
         steps = 1 if a.quick else 3
@@ -163,8 +164,7 @@ def part_train(a, preset: str):
 
     torch.manual_seed(0)
     module = GRDNetModule(m, t)
-    if a.device == "cpu":  # as `grdnet train` does on CPUs
-        module.to(memory_format=torch.channels_last)
+    use_cpu_layout(module, accelerator)  # as `grdnet train` does
     clock = Clock()
     trainer = L.Trainer(accelerator="cpu" if a.device == "cpu" else "gpu", devices=1,
                         precision=precision, max_epochs=1, logger=False,  # one epoch = the batches above

@@ -97,9 +97,9 @@ def two_scale_report(model, data) -> dict:
     for i in range(0, len(samples), 32):
         chunk = samples[i:i + 32]
         whole.append(p.maps(torch.stack([load_image(t.path, c, s) for t in chunk])))
-        for t in chunk:
-            big = load_image(t.path, c, 2 * s).permute(1, 2, 0).numpy()
-            zoom.append(torch.from_numpy(p._tiled_map(big, None, 16)[0])[None])
+        # the image at twice the model size, scored as overlapping model-size tiles
+        big = [load_image(t.path, c, 2 * s).permute(1, 2, 0).numpy() for t in chunk]
+        zoom += [torch.from_numpy(r.anomaly_map)[None] for r in p.predict(big, tile=True)]
     whole = F.interpolate(torch.cat(whole), size=(2 * s, 2 * s), mode="bilinear", align_corners=False)
     zoom = torch.stack(zoom)
     masks = [None if t.mask_path is None else load_mask(t.mask_path, image_size_of(t.path)) for t in samples]
