@@ -111,10 +111,10 @@ def part_matmul(a):
              flops_per_s=2 * n ** 3 / min(ts), **stats(ts))
 
 
-def _model_cfgs(preset: str, batch: int | None):
+def _model_cfgs(preset: str, batch: int | None, model: str | None = None):
     from grdnet.config import build_config
 
-    m, t = build_config(preset)
+    m, t = build_config(preset, model=json.loads(model) if model else None)
     if batch:
         t.batch_size = batch
     return m, t
@@ -243,14 +243,14 @@ def _ort_profile(onnx_file: Path, x, where: str, reps: int, top: int = 12):
         {"op": k, "share": v / total, "ms": v / 1000 / reps} for k, v in sorted(by_op.items(), key=lambda kv: -kv[1])[:top]])
 
 
-def _inference_model(preset: str, folder: Path, onnx: bool):
+def _inference_model(a, preset: str, folder: Path, onnx: bool):
     """A randomly initialised model at a preset, saved as a model folder (and exported)."""
     import torch
 
     from grdnet.modelfile import save_model
     from grdnet.scoring import InferenceNet
 
-    m, _ = _model_cfgs(preset, None)
+    m, _ = _model_cfgs(preset, None, a.model)
     torch.manual_seed(0)
     model_dir = save_model(folder / f"model-{preset}", InferenceNet.build(m), m, {"threshold": 0.5})
     onnx_file = None
@@ -281,7 +281,7 @@ def part_inference(a, preset: str):
 
     use_onnx = a.device == "cpu" and not a.no_onnx
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir, onnx_file, m = _inference_model(preset, Path(tmp), use_onnx)
+        model_dir, onnx_file, m = _inference_model(a, preset, Path(tmp), use_onnx)
         torch_p = grdnet.Predictor.load(model_dir, device=a.device)
         s, c, big_b = m.image_size, m.channels, a.infer_batch
         flops_per_image = _forward_flops(torch_p.net, torch.rand(1, c, s, s, device=a.device))
@@ -336,7 +336,7 @@ def part_tiling(a, preset: str):
     side = 512 if a.quick else 1024
     use_onnx = a.device == "cpu" and not a.no_onnx
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir, onnx_file, m = _inference_model(preset, Path(tmp), use_onnx)
+        model_dir, onnx_file, m = _inference_model(a, preset, Path(tmp), use_onnx)
         backends = {"torch": grdnet.Predictor.load(model_dir, device=a.device)}
         if use_onnx:
             backends["onnxruntime"] = OnnxPredictor.load(onnx_file)
@@ -366,7 +366,7 @@ def part_variants(a, preset: str):
     from grdnet.export import OnnxPredictor
 
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir, onnx_file, m = _inference_model(preset, Path(tmp), onnx=not a.no_onnx)
+        model_dir, onnx_file, m = _inference_model(a, preset, Path(tmp), onnx=not a.no_onnx)
         import grdnet
 
         base = grdnet.Predictor.load(model_dir).net
@@ -471,6 +471,7 @@ def main(argv=None):
                                        "for GPU inference")
     p.add_argument("--train-batch", type=int, help="training batch (default: the preset's)")
     p.add_argument("--infer-batch", type=int, default=16)
+    p.add_argument("--model", help='inference: ModelConfig overrides as JSON, e.g. \'{"flip_average": false}\'')
     p.add_argument("--threads", type=int, help="torch threads (default: torch's, = physical cores)")
     p.add_argument("--no-onnx", action="store_true")
     p.add_argument("--no-compile", action="store_true", help="variants: skip torch.compile")

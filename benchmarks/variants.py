@@ -13,6 +13,8 @@ Variants (default: none, the preset as it is):
   transposed for 30% of samples): a patch whose texture has another scale or direction.
 - `jitter`: brightness and contrast of each whole training image scaled by e**U(-0.3, 0.3) each
   (lighting changes are normal).
+- `blur`: a quarter of the anomaly sources replaced by the image itself, Gaussian-blurred
+  (sigma 1-3 px): the texture gone, the tone kept (a worn, polished or smeared patch).
 
 Evaluation prints image / pixel AUROC / AUPRO for four maps: `whole` (the model's own map),
 `zoom` (the image resized to twice the model size, scored as overlapping tiles), and their
@@ -89,6 +91,26 @@ def use_jitter() -> None:
     grdnet.training.GRDNetModule._augment = augment
 
 
+def use_blur(share: float = 0.25) -> None:
+    """A fourth anomaly source: the image itself blurred (texture gone, tone kept: worn, polished
+    or smeared surface), for `share` of the samples."""
+    import kornia
+
+    three = grdnet.defects.DefectSynthesizer.sources
+
+    def sources(self, x, gen=None):
+        out = three(self, x, gen)
+        b = x.shape[0]
+        sigma = float(torch.empty(()).uniform_(1.0, 3.0, generator=gen))
+        k = 2 * int(3 * sigma) + 1
+        blurred = kornia.filters.gaussian_blur2d(x.float(), (k, k), (sigma, sigma), border_type="reflect")
+        pick = torch.rand(b, generator=gen, device=x.device) < share
+        out[pick] = blurred[pick].to(out.dtype)
+        return out
+
+    grdnet.defects.DefectSynthesizer.sources = sources
+
+
 def two_scale_report(model, data) -> dict:
     p = grdnet.load(model)
     s, c = p.cfg.image_size, p.cfg.channels
@@ -128,7 +150,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("data")
     ap.add_argument("--out")
-    ap.add_argument("--variant", choices=["none", "zoom", "selfscale", "jitter"], default="none")
+    ap.add_argument("--variant", choices=["none", "zoom", "selfscale", "jitter", "blur"], default="none")
     ap.add_argument("--preset", default="cpu")
     ap.add_argument("--max-minutes", type=float, default=20)
     ap.add_argument("--config", help="JSON file with model/train overrides")
@@ -139,7 +161,7 @@ def main():
     if model is None:
         if not a.out:
             ap.error("--out is needed to train")
-        {"none": lambda: None, "zoom": use_zoom, "selfscale": use_selfscale, "jitter": use_jitter}[a.variant]()
+        {"none": lambda: None, "zoom": use_zoom, "selfscale": use_selfscale, "jitter": use_jitter, "blur": use_blur}[a.variant]()
         t0 = time.time()
         model = grdnet.train(a.data, a.out, preset=a.preset, max_minutes=a.max_minutes,
                              model=file_section(a.config, "model"),

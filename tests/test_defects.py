@@ -1,6 +1,8 @@
+import pytest
 import torch
 
 from grdnet.config import TrainConfig
+from grdnet.errors import GRDNetError
 from grdnet.defects import DefectSynthesizer, perlin
 
 
@@ -80,7 +82,6 @@ def test_mixed_sources_draw_every_kind():
 def test_unknown_source_kind_is_an_error():
     import pytest
 
-    from grdnet import GRDNetError
     with pytest.raises(GRDNetError, match="sources"):
         TrainConfig(sources=("nois",))
     with pytest.raises(GRDNetError, match="sources"):
@@ -95,3 +96,38 @@ def test_threshold_range_adds_large_defects():
     ranged = areas(TrainConfig(perlin_max_exp=4, perlin_threshold_low=0.1))
     assert fixed.max() < 0.2  # the paper's threshold: small blobs only
     assert (ranged > 0.2).float().mean() > 0.15 and (ranged < 0.05).float().mean() > 0.2
+
+
+def _interior_share(masks):
+    """Share of mask pixels whose whole 3x3 neighbourhood is in the mask: ~0 for strokes."""
+    inner = -torch.nn.functional.max_pool2d(-masks, 3, stride=1, padding=1)
+    return inner.flatten(1).sum(1) / masks.flatten(1).sum(1).clamp(min=1)
+
+
+def test_line_masks_are_thin_strokes_and_band_masks_straight_strips():
+    syn = DefectSynthesizer(TrainConfig(line_masks=1.0))
+    lines = syn.masks(200, 64, _gen(5))
+    assert (lines.flatten(1).sum(1) >= 25).all()  # the minimum area holds for strokes too
+    assert _interior_share(lines).max() < 0.25 and lines.mean() < 0.08
+    blobs = DefectSynthesizer(TrainConfig(perlin_max_exp=4, perlin_threshold_low=0.1)).masks(200, 64, _gen(5))
+    assert _interior_share(blobs).quantile(0.75) > 0.4
+    # the same shapes at 4x the size (4x wider): area share similar, as thin at 64 px
+    big = DefectSynthesizer(TrainConfig(line_masks=1.0)).masks(200, 256, _gen(5))
+    small = (torch.nn.functional.avg_pool2d(big, 4) >= 0.5).float()
+    assert 0.5 < big.mean() / lines.mean() < 2 and _interior_share(small).quantile(0.9) < 0.2
+
+    bands = DefectSynthesizer(TrainConfig(band_masks=1.0)).masks(200, 64, _gen(6))[:, 0]
+    area = bands.flatten(1).mean(1)
+    assert area.min() > 0.005 and area.max() < 0.75 and area.mean() > 0.15
+    # a strip is convex: along every row and column its pixels form one run
+    for m in bands:
+        for line in torch.cat([m, m.T]):
+            runs = (line[1:] > line[:-1]).sum() + line[0]
+            assert runs <= 1
+
+
+def test_shape_shares_are_validated():
+    with pytest.raises(GRDNetError, match="shares"):
+        TrainConfig(line_masks=0.7, band_masks=0.4)
+    with pytest.raises(GRDNetError, match="shares"):
+        TrainConfig(line_masks=-0.1)

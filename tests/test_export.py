@@ -47,11 +47,12 @@ def _images(size, seed):
     return out
 
 
-@pytest.fixture(scope="module", params=[(3, 32, "max_pool"), (1, 32, "max_pool"), (3, 64, "topk_mean"),
-                                        (1, 64, "max_pool")], ids=["rgb32", "gray32", "rgb64-topk", "gray64"])
+@pytest.fixture(scope="module", params=[(3, 32, "max_pool", False), (1, 32, "max_pool", True),
+                                        (3, 64, "topk_mean", False), (1, 64, "max_pool", False)],
+                ids=["rgb32", "gray32-flips", "rgb64-topk", "gray64"])
 def exported(request, tmp_path_factory):
-    channels, size, rule = request.param
-    cfg, _ = build_config("tiny", model=dict(channels=channels, image_size=size, score_rule=rule))
+    channels, size, rule, flips = request.param
+    cfg, _ = build_config("tiny", model=dict(channels=channels, image_size=size, score_rule=rule, flip_average=flips))
     net = _random_net(cfg, seed=channels * 1000 + size)
     images = _images(size, seed=size + channels)
     scores = np.sort([p.score for p in Predictor(net, cfg).predict(images)])
@@ -104,6 +105,7 @@ def test_metadata_carries_the_contract(exported):
     assert props["image_size"] == str(cfg.image_size) and props["channels"] == str(cfg.channels)
     assert "[0, 1]" in props["scaling"] and "bilinear" in props["resize"]
     assert props["score_rule"].startswith(cfg.score_rule)
+    assert props["flip_average"].startswith(str(cfg.flip_average).lower())
     assert float(props["threshold"]) == doc["threshold"] and props["threshold_rule"] == "test: widest gap"
     check = json.loads(props["export_check"])
     assert check["max_abs_map_diff"] <= 1e-4 and check["max_abs_score_diff"] <= 1e-4

@@ -38,6 +38,27 @@ def test_inference_net_skips_second_encoder_and_discriminator():
     assert maps.shape == (3, 1, 32, 32) and 0 <= maps.min() and maps.max() <= 1
 
 
+def test_flip_average_is_the_mean_of_the_four_flipped_maps():
+    m, _ = build_config("tiny", model={"flip_average": True})
+    torch.manual_seed(0)
+    net = InferenceNet.build(m).eval()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        plain = [net.anomaly_map(x.flip(d)).flip(d) if d else net.anomaly_map(x) for d in ((), (-1,), (-2,), (-2, -1))]
+        averaged = net(x)
+        # the averaged map is flip-equivariant; a single network pass is not
+        assert not torch.allclose(plain[0], plain[1], atol=1e-4)
+        assert torch.allclose(net(x.flip(-1)), averaged.flip(-1), atol=1e-6)
+    assert torch.allclose(averaged, torch.stack(plain).mean(0), atol=1e-6)
+
+
+def test_flip_average_needs_flipped_training():
+    from grdnet import GRDNetError
+
+    with pytest.raises(GRDNetError, match="hflip and vflip"):
+        build_config("cpu", model={"flip_average": True}, train={"vflip": False})
+
+
 def test_bad_image_size_is_a_clear_error():
     from grdnet import GRDNetError
 

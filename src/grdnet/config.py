@@ -26,6 +26,10 @@ class ModelConfig:
     score_rule: str = "max_pool"  # "max_pool": max of the box-filtered map; "topk_mean": mean of top k%
     score_kernel: int = 21  # box filter side for "max_pool", in model pixels
     score_topk: float = 0.01  # fraction of pixels for "topk_mean"
+    # Average the map over the image and its horizontal, vertical and double flip (4 network
+    # passes): the segmenter's noise differs between the views, a defect's response does not.
+    # For models trained with both flips (TrainConfig hflip, vflip), as the presets are.
+    flip_average: bool = False
 
     def __post_init__(self):
         self.gen_widths = tuple(self.gen_widths)
@@ -82,6 +86,10 @@ class TrainConfig:
     # learns to fill large regions (uneven finish, stains, missing coating), not only small blobs.
     perlin_threshold_low: float | None = None
     min_defect_pixels: int = 25
+    # Shares of masks drawn as thin strokes (scratches, cracks) and as straight-edged bands across
+    # the image (a strip of another finish); the rest are Perlin blobs.
+    line_masks: float = 0.0
+    band_masks: float = 0.0
     beta_min: float = 0.5
     beta_max: float = 1.0
     texture_dir: str | None = None
@@ -114,6 +122,9 @@ class TrainConfig:
         if self.perlin_threshold_low is not None and self.perlin_threshold_low > self.perlin_threshold:
             raise GRDNetError(f"perlin_threshold_low ({self.perlin_threshold_low}) must not exceed "
                               f"perlin_threshold ({self.perlin_threshold})")
+        if min(self.line_masks, self.band_masks) < 0 or self.line_masks + self.band_masks > 1:
+            raise GRDNetError(f"line_masks ({self.line_masks}) and band_masks ({self.band_masks}) are shares: "
+                              "each at least 0, together at most 1")
         if self.roi_mode not in ("target", "prediction", "none"):
             raise GRDNetError(f"roi_mode must be target, prediction or none, got {self.roi_mode!r}")
 
@@ -123,8 +134,10 @@ class TrainConfig:
 # Every departure of `cpu` from `paper` was measured (docs/EXPERIMENTS.md): 64 px (4x cheaper steps
 # than 128 px, better at equal minutes), a 3x3 score filter (k scales with the image), the
 # segmenter at 1e-3 while the GAN stays at 1e-4, three anomaly-source kinds, Perlin cells of at
-# least 4 px with thresholds down to 0.1 (defects from 1% to a third of the image), no rotation
-# (industrial cameras are fixed; flips stay), and an exponential moving average of the weights.
+# least 4 px with thresholds down to 0.1 (defects from 1% to a third of the image), strokes and
+# bands among the mask shapes, no rotation (industrial cameras are fixed; flips stay), an
+# exponential moving average of the weights, and maps averaged over the four flips of the image
+# (4x the inference cost of one pass).
 PRESETS: dict[str, tuple[dict, dict]] = {
     "paper": (
         dict(image_size=256, gen_widths=(64, 128, 256, 512, 512), latent_channels=32,
@@ -135,9 +148,10 @@ PRESETS: dict[str, tuple[dict, dict]] = {
     "cpu": (
         dict(image_size=64, gen_widths=(16, 32, 64, 128), latent_channels=32,
              disc_widths=(16, 32, 64, 128), seg_widths=(16, 32, 64, 128, 128),
-             score_kernel=3),
+             score_kernel=3, flip_average=True),
         dict(epochs=200, batch_size=16, lr=1e-4, seg_lr=1e-3, sources=("noise", "shade", "self"),
-             perlin_max_exp=4, perlin_threshold_low=0.1, rotation=0.0, ema_decay=0.99),
+             perlin_max_exp=4, perlin_threshold_low=0.1, line_masks=0.3, band_masks=0.2, rotation=0.0,
+             ema_decay=0.99),
     ),
     "tiny": (
         dict(image_size=32, gen_widths=(8, 16), latent_channels=8,
@@ -182,9 +196,13 @@ def build_config(preset: str = "cpu", model: dict | None = None, train: dict | N
     m.update(_coerce(ModelConfig, model or {}, "override"))
     t.update(_coerce(TrainConfig, train or {}, "override"))
     try:
-        return ModelConfig(**m), TrainConfig(**t)
+        model_cfg, train_cfg = ModelConfig(**m), TrainConfig(**t)
     except TypeError as e:
         raise GRDNetError(f"invalid config: {e}") from None
+    if model_cfg.flip_average and not (train_cfg.hflip and train_cfg.vflip):
+        raise GRDNetError("flip_average scores flipped images too: train with hflip and vflip, "
+                          "or set flip_average to false")
+    return model_cfg, train_cfg
 
 
 def to_dict(cfg) -> dict:

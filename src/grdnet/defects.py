@@ -1,7 +1,14 @@
 """Synthetic defects (DRAEM-style), generated as batched tensors on the training device.
 
-A Perlin-noise field at a random scale per sample is thresholded into a binary mask M; inside M the
-image is blended with an anomaly source S: `X_n = X * (1 - M) + M * ((1 - beta) * X + beta * S)`.
+A binary mask M is drawn per sample; inside M the image is blended with an anomaly source S:
+`X_n = X * (1 - M) + M * ((1 - beta) * X + beta * S)`. Mask shapes (`TrainConfig.line_masks`,
+`band_masks` give the shares of the last two):
+
+* a Perlin-noise field at a random scale, thresholded: blobs (holes, stains, dents);
+* thin wandering strokes, one to three: scratches and cracks;
+* a straight-edged band across the image at any angle: a strip of another finish (uneven
+  grinding, misaligned coating), which blobs never resemble.
+
 The anomaly source S is drawn per sample from the kinds listed in `TrainConfig.sources`:
 
 * ``noise``: a random two-colour field modulated by a second noise field (DRAEM's colour blobs);
@@ -17,6 +24,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .config import TrainConfig
 
@@ -54,6 +62,44 @@ def perlin(batch: int, size: int, res: torch.Tensor, generator: torch.Generator 
     return torch.lerp(top, bottom, v)
 
 
+def line_masks(batch: int, size: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+    """Thin strokes (B, S, S) in {0, 1}: 1-3 per mask (the first always, the others with
+    probability 0.5 and 0.3), each a random walk in direction of 0.3-1 image side, 1-2 px wide at
+    64 px (scaled with the size). The same shapes at every size."""
+    n, steps = 3, 2 * size  # half-pixel steps
+    start = torch.rand(batch, n, 1, 2, generator=generator, device=device) * size
+    heading = torch.rand(batch, n, 1, generator=generator, device=device) * (2 * math.pi)
+    # the heading's total drift over a stroke does not depend on the size
+    drift = torch.randn(batch, n, steps, generator=generator, device=device) * (0.08 * math.sqrt(64 / size))
+    theta = heading + drift.cumsum(-1)
+    points = start + 0.5 * torch.stack([torch.sin(theta), torch.cos(theta)], -1).cumsum(2)  # (B, n, steps, 2)
+    length = torch.empty(batch, n, 1, device=device).uniform_(0.3, 1.0, generator=generator) * steps
+    drawn = torch.arange(steps, device=device) < length
+    keep = torch.tensor([1.0, 0.5, 0.3], device=device)[None, :, None]
+    drawn &= torch.rand(batch, n, 1, generator=generator, device=device) < keep
+    ij = points.round().long()
+    drawn &= ((ij >= 0) & (ij < size)).all(-1)
+    flat = (ij[..., 0].clamp(0, size - 1) * size + ij[..., 1].clamp(0, size - 1)).flatten(1)
+    out = torch.zeros(batch, size * size, device=device).scatter_(1, flat, drawn.flatten(1).float())
+    out = out.view(batch, 1, size, size)
+    width = (torch.randint(1, 3, (batch,), generator=generator, device=device) * max(1, size // 64)).tolist()
+    for w in sorted(set(width) - {1}):  # widen by a w x w max filter
+        pick = torch.tensor([v == w for v in width], device=device)
+        out[pick] = F.max_pool2d(out[pick], w, stride=1, padding=w // 2)[..., :size, :size]
+    return out[:, 0]
+
+
+def band_masks(batch: int, size: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+    """Straight-edged bands (B, S, S) in {0, 1}: a strip 10-50% of the image side wide, through a
+    random point, at any angle."""
+    theta = torch.rand(batch, 1, 1, generator=generator, device=device) * math.pi
+    centre = torch.rand(batch, 2, 1, 1, generator=generator, device=device) * size
+    width = torch.empty(batch, 1, 1, device=device).uniform_(0.1, 0.5, generator=generator) * size
+    coords = torch.arange(size, device=device, dtype=torch.float32) + 0.5
+    y, x = coords[None, :, None] - centre[:, 0], coords[None, None, :] - centre[:, 1]
+    return ((y * torch.cos(theta) - x * torch.sin(theta)).abs() < width / 2).float()
+
+
 @dataclass
 class DefectBatch:
     image: torch.Tensor  # X_n, the defaced image (B, C, H, W)
@@ -77,13 +123,26 @@ class DefectSynthesizer:
             return hi
         return torch.empty(batch, 1, 1, device=device).uniform_(lo, hi, generator=gen)
 
+    def _perlin_masks(self, batch: int, size: int, gen=None, device=None) -> torch.Tensor:
+        noise = perlin(batch, size, self._random_res(batch, gen, device), gen, device)
+        return (noise > self._thresholds(batch, gen, device)).float()
+
     def masks(self, batch: int, size: int, gen=None, device=None) -> torch.Tensor:
         """Binary masks (B, 1, S, S); each has at least `min_defect_pixels` pixels, redrawn if not."""
+        lines, bands = self.cfg.line_masks, self.cfg.band_masks
+        shape = None  # per sample: 0 Perlin blob, 1 strokes, 2 band
+        if lines or bands:
+            u = torch.rand(batch, generator=gen, device=device)
+            shape = (u < lines).long() + 2 * ((u >= lines) & (u < lines + bands)).long()
         out = torch.zeros(batch, size, size, device=device)
         todo = torch.arange(batch, device=device)
         for _ in range(20):  # redraw only the too-small masks; almost all pass on the first draw
-            noise = perlin(len(todo), size, self._random_res(len(todo), gen, device), gen, device)
-            m = (noise > self._thresholds(len(todo), gen, device)).float()
+            m = self._perlin_masks(len(todo), size, gen, device)
+            if shape is not None:
+                for kind, draw in ((1, line_masks), (2, band_masks)):
+                    pick = shape[todo] == kind
+                    if pick.any():
+                        m[pick] = draw(int(pick.sum()), size, gen, device)
             out[todo] = m
             small = m.flatten(1).sum(1) < self.cfg.min_defect_pixels
             todo = todo[small]

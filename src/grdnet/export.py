@@ -77,6 +77,8 @@ def contract(cfg: ModelConfig, meta: dict, config_text: str) -> dict[str, str]:
                    f"{s}x{s} tiles at native resolution, maps blended with a Hann window"),
         "outputs": f"anomaly_map: float32 (batch, 1, {s}, {s}) anomaly probability in [0, 1]; "
                    "score: float32 (batch,) image score",
+        "flip_average": ("true: inside the graph, the map is the mean over the image and its horizontal, "
+                         "vertical and double flip (4 network passes per image)" if cfg.flip_average else "false"),
         "score_rule": rule,
         "threshold": "none" if threshold is None else repr(float(threshold)),
         "threshold_rule": str(meta.get("threshold_rule", "none")),

@@ -32,21 +32,35 @@ class InferenceNet(nn.Module):
     """x (B, C, S, S) in [0, 1] -> anomaly probability map (B, 1, S, S).
 
     Holds (and shares, when built from a training run) the generator's first encoder and
-    decoder and the segmenter: the networks inference needs.
+    decoder and the segmenter: the networks inference needs. With `flip_average`, the map is the
+    mean of the maps of x and its three flips, each flipped back (`ModelConfig.flip_average`).
     """
 
-    def __init__(self, encoder: nn.Module, decoder: nn.Module, segmenter: nn.Module):
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, segmenter: nn.Module,
+                 flip_average: bool = False):
         super().__init__()
         self.encoder, self.decoder, self.segmenter = encoder, decoder, segmenter
+        self.flip_average = flip_average
 
     @classmethod
     def build(cls, cfg: ModelConfig) -> "InferenceNet":
         return cls(ResEncoder(cfg.channels, cfg.gen_widths, cfg.latent_channels),
-                   Decoder(cfg.channels, cfg.gen_widths, cfg.latent_channels), Segmenter(cfg))
+                   Decoder(cfg.channels, cfg.gen_widths, cfg.latent_channels), Segmenter(cfg),
+                   cfg.flip_average)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def anomaly_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The map of x alone (B, 1, S, S), without flip averaging."""
         x_hat = self.decoder(self.encoder(x))
         return torch.softmax(self.segmenter(x_hat, x), dim=1)[:, 1:2]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.flip_average:
+            return self.anomaly_map(x)
+        b = x.shape[0]
+        # One batch of four views: the same network cost as four calls, better use of the cores.
+        views = torch.cat([x, x.flip(-1), x.flip(-2), x.flip(-2, -1)])
+        m = self.anomaly_map(views)
+        return (m[:b] + m[b:2 * b].flip(-1) + m[2 * b:3 * b].flip(-2) + m[3 * b:].flip(-2, -1)) / 4
 
 
 def image_scores(maps: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:

@@ -81,7 +81,8 @@ class GRDNetModule(L.LightningModule):
         self.batches_trained = 0
 
     def inference_net(self) -> InferenceNet:
-        return InferenceNet(self.generator.encoder, self.generator.decoder, self.segmenter)
+        return InferenceNet(self.generator.encoder, self.generator.decoder, self.segmenter,
+                            self.model_cfg.flip_average)
 
     def configure_optimizers(self):
         t = self.train_cfg
