@@ -13,8 +13,9 @@ Variants (default: none, the preset as it is):
   transposed for 30% of samples): a patch whose texture has another scale or direction.
 - `jitter`: brightness and contrast of each whole training image scaled by e**U(-0.3, 0.3) each
   (lighting changes are normal).
-- `blur`: a quarter of the anomaly sources replaced by the image itself, Gaussian-blurred
-  (sigma 1-3 px): the texture gone, the tone kept (a worn, polished or smeared patch).
+- `blur`: a share of the anomaly sources (`--blur-share`, default a quarter) replaced by the image
+  itself, Gaussian-blurred (sigma uniform in `--blur-sigma`, default 1-3 px): the texture gone,
+  the tone kept (a worn, polished or smeared patch).
 
 Evaluation prints image / pixel AUROC / AUPRO for four maps: `whole` (the model's own map),
 `zoom` (the image resized to twice the model size, scored as overlapping tiles), and their
@@ -91,17 +92,18 @@ def use_jitter() -> None:
     grdnet.training.GRDNetModule._augment = augment
 
 
-def use_blur(share: float = 0.25) -> None:
+def use_blur(share: float = 0.25, sigma: tuple[float, float] = (1.0, 3.0)) -> None:
     """A fourth anomaly source: the image itself blurred (texture gone, tone kept: worn, polished
-    or smeared surface), for `share` of the samples."""
+    or smeared surface), for `share` of the samples, sigma uniform in `sigma` (pixels)."""
     import kornia
 
     three = grdnet.defects.DefectSynthesizer.sources
+    sigma_range = sigma
 
     def sources(self, x, gen=None):
         out = three(self, x, gen)
         b = x.shape[0]
-        sigma = float(torch.empty(()).uniform_(1.0, 3.0, generator=gen))
+        sigma = float(torch.empty(()).uniform_(*sigma_range, generator=gen))
         k = 2 * int(3 * sigma) + 1
         blurred = kornia.filters.gaussian_blur2d(x.float(), (k, k), (sigma, sigma), border_type="reflect")
         pick = torch.rand(b, generator=gen, device=x.device) < share
@@ -155,13 +157,16 @@ def main():
     ap.add_argument("--max-minutes", type=float, default=20)
     ap.add_argument("--config", help="JSON file with model/train overrides")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--blur-share", type=float, default=0.25)
+    ap.add_argument("--blur-sigma", type=float, nargs=2, default=(1.0, 3.0))
     ap.add_argument("--evaluate", metavar="MODEL", help="only evaluate this model")
     a = ap.parse_args()
     model = a.evaluate
     if model is None:
         if not a.out:
             ap.error("--out is needed to train")
-        {"none": lambda: None, "zoom": use_zoom, "selfscale": use_selfscale, "jitter": use_jitter, "blur": use_blur}[a.variant]()
+        {"none": lambda: None, "zoom": use_zoom, "selfscale": use_selfscale, "jitter": use_jitter,
+         "blur": lambda: use_blur(a.blur_share, tuple(a.blur_sigma))}[a.variant]()
         t0 = time.time()
         model = grdnet.train(a.data, a.out, preset=a.preset, max_minutes=a.max_minutes,
                              model=file_section(a.config, "model"),

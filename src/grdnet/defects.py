@@ -64,8 +64,8 @@ def perlin(batch: int, size: int, res: torch.Tensor, generator: torch.Generator 
 
 def line_masks(batch: int, size: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
     """Thin strokes (B, S, S) in {0, 1}: 1-3 per mask (the first always, the others with
-    probability 0.5 and 0.3), each a random walk in direction of 0.3-1 image side, 1-2 px wide at
-    64 px (scaled with the size). The same shapes at every size."""
+    probability 0.5 and 0.3), each a slowly turning random walk 0.3-1 image side long, 1-2 px
+    wide at 64 px (widths scale with the size, so the shapes are the same at every size)."""
     n, steps = 3, 2 * size  # half-pixel steps
     start = torch.rand(batch, n, 1, 2, generator=generator, device=device) * size
     heading = torch.rand(batch, n, 1, generator=generator, device=device) * (2 * math.pi)
