@@ -92,13 +92,12 @@ def use_jitter() -> None:
     grdnet.training.GRDNetModule._augment = augment
 
 
-def use_blur(share: float = 0.25, sigma: tuple[float, float] = (1.0, 3.0)) -> None:
+def use_blur(share: float = 0.25, sigma_range: tuple[float, float] = (1.0, 3.0)) -> None:
     """A fourth anomaly source: the image itself blurred (texture gone, tone kept: worn, polished
-    or smeared surface), for `share` of the samples, sigma uniform in `sigma` (pixels)."""
+    or smeared surface), for `share` of the samples, sigma uniform in `sigma_range` (pixels)."""
     import kornia
 
     three = grdnet.defects.DefectSynthesizer.sources
-    sigma_range = sigma
 
     def sources(self, x, gen=None):
         out = three(self, x, gen)

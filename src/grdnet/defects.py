@@ -82,10 +82,11 @@ def line_masks(batch: int, size: int, generator: torch.Generator | None = None, 
     flat = (ij[..., 0].clamp(0, size - 1) * size + ij[..., 1].clamp(0, size - 1)).flatten(1)
     out = torch.zeros(batch, size * size, device=device).scatter_(1, flat, drawn.flatten(1).float())
     out = out.view(batch, 1, size, size)
-    width = (torch.randint(1, 3, (batch,), generator=generator, device=device) * max(1, size // 64)).tolist()
-    for w in sorted(set(width) - {1}):  # widen by a w x w max filter
-        pick = torch.tensor([v == w for v in width], device=device)
-        out[pick] = F.max_pool2d(out[pick], w, stride=1, padding=w // 2)[..., :size, :size]
+    width = torch.randint(1, 3, (batch,), generator=generator, device=device) * max(1, size // 64)
+    for w in width.unique().tolist():
+        if w > 1:  # widen by a w x w max filter
+            pick = width == w
+            out[pick] = F.max_pool2d(out[pick], w, stride=1, padding=w // 2)[..., :size, :size]
     return out[:, 0]
 
 
@@ -137,9 +138,11 @@ class DefectSynthesizer:
         out = torch.zeros(batch, size, size, device=device)
         todo = torch.arange(batch, device=device)
         for _ in range(20):  # redraw only the too-small masks; almost all pass on the first draw
-            m = self._perlin_masks(len(todo), size, gen, device)
-            if shape is not None:
-                for kind, draw in ((1, line_masks), (2, band_masks)):
+            if shape is None:
+                m = self._perlin_masks(len(todo), size, gen, device)
+            else:  # each shape drawn only for the samples that get it
+                m = torch.empty(len(todo), size, size, device=device)
+                for kind, draw in ((0, self._perlin_masks), (1, line_masks), (2, band_masks)):
                     pick = shape[todo] == kind
                     if pick.any():
                         m[pick] = draw(int(pick.sum()), size, gen, device)
