@@ -16,6 +16,10 @@ Variants (default: none, the preset as it is):
 - `blur`: a share of the anomaly sources (`--blur-share`, default a quarter) replaced by the image
   itself, Gaussian-blurred (sigma uniform in `--blur-sigma`, default 1-3 px): the texture gone,
   the tone kept (a worn, polished or smeared patch).
+- `strokeblur`: the same blurred source, but only inside stroke masks (`TrainConfig.line_masks`),
+  for `--blur-share` of them: a thin line whose texture is smoothed away, never a smooth blob.
+- `halfplane`: half of the band masks are half-planes instead (the region on one side of a
+  straight line, up to half the image): a region of another finish that reaches the part's edge.
 
 Evaluation prints image / pixel AUROC / AUPRO for four maps: `whole` (the model's own map),
 `zoom` (the image resized to twice the model size, scored as overlapping tiles), and their
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 
 import numpy as np
@@ -112,6 +117,57 @@ def use_blur(share: float = 0.25, sigma_range: tuple[float, float] = (1.0, 3.0))
     grdnet.defects.DefectSynthesizer.sources = sources
 
 
+def use_stroke_blur(share: float, sigma_range: tuple[float, float]) -> None:
+    """The blurred-image source only inside stroke masks, for `share` of the strokes: a thin line
+    where the texture is smoothed away (cracks and scratches at low resolution), never a smooth
+    blob, so that smooth good regions are not taught as defects."""
+    import kornia
+
+    masks, three = grdnet.defects.DefectSynthesizer.masks, grdnet.defects.DefectSynthesizer.sources
+
+    def recording_masks(self, batch, size, gen=None, device=None):
+        # masks() draws each sample's shape first; replay that draw to know which got strokes
+        replay = None
+        if gen is not None:
+            replay = torch.Generator(device=gen.device)
+            replay.set_state(gen.get_state())
+        self._strokes = torch.rand(batch, generator=replay, device=device) < self.cfg.line_masks
+        return masks(self, batch, size, gen, device)
+
+    def sources(self, x, gen=None):
+        out = three(self, x, gen)
+        sigma = float(torch.empty(()).uniform_(*sigma_range, generator=gen))
+        k = 2 * int(3 * sigma) + 1
+        blurred = kornia.filters.gaussian_blur2d(x.float(), (k, k), (sigma, sigma), border_type="reflect")
+        pick = self._strokes & (torch.rand(x.shape[0], generator=gen, device=x.device) < share)
+        out[pick] = blurred[pick].to(out.dtype)
+        return out
+
+    grdnet.defects.DefectSynthesizer.masks = recording_masks
+    grdnet.defects.DefectSynthesizer.sources = sources
+
+
+def use_half_planes() -> None:
+    """Half of the band masks become half-planes: everything on one side of a straight line, the
+    smaller side (up to half the image), so one border of the region is the image's own edge, as
+    a part of a part ground or coated differently reaches the edge of the part."""
+    bands = grdnet.defects.band_masks
+
+    def masks(batch, size, generator=None, device=None):
+        out = bands(batch, size, generator, device)
+        theta = torch.rand(batch, 1, 1, generator=generator, device=device) * math.pi
+        point = torch.rand(batch, 2, 1, 1, generator=generator, device=device) * size
+        coords = torch.arange(size, device=device, dtype=torch.float32) + 0.5
+        y, x = coords[None, :, None] - point[:, 0], coords[None, None, :] - point[:, 1]
+        half = (y * torch.cos(theta) - x * torch.sin(theta) < 0).float()
+        half = torch.where(half.mean((1, 2), keepdim=True) > 0.5, 1 - half, half)
+        pick = torch.rand(batch, generator=generator, device=device) < 0.5
+        out[pick] = half[pick]
+        return out
+
+    grdnet.defects.band_masks = masks
+
+
 def two_scale_report(model, data) -> dict:
     p = grdnet.load(model)
     s, c = p.cfg.image_size, p.cfg.channels
@@ -151,7 +207,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("data")
     ap.add_argument("--out")
-    ap.add_argument("--variant", choices=["none", "zoom", "selfscale", "jitter", "blur"], default="none")
+    ap.add_argument("--variant", choices=["none", "zoom", "selfscale", "jitter", "blur", "strokeblur", "halfplane"], default="none")
     ap.add_argument("--preset", default="cpu")
     ap.add_argument("--max-minutes", type=float, default=20)
     ap.add_argument("--config", help="JSON file with model/train overrides")
@@ -165,7 +221,9 @@ def main():
         if not a.out:
             ap.error("--out is needed to train")
         {"none": lambda: None, "zoom": use_zoom, "selfscale": use_selfscale, "jitter": use_jitter,
-         "blur": lambda: use_blur(a.blur_share, tuple(a.blur_sigma))}[a.variant]()
+         "blur": lambda: use_blur(a.blur_share, tuple(a.blur_sigma)),
+         "strokeblur": lambda: use_stroke_blur(a.blur_share, tuple(a.blur_sigma)),
+         "halfplane": use_half_planes}[a.variant]()
         t0 = time.time()
         model = grdnet.train(a.data, a.out, preset=a.preset, max_minutes=a.max_minutes,
                              model=file_section(a.config, "model"),
