@@ -149,8 +149,8 @@ def use_stroke_blur(share: float, sigma_range: tuple[float, float]) -> None:
 
 def use_half_planes() -> None:
     """Half of the band masks become half-planes: everything on one side of a straight line, the
-    smaller side (up to half the image), so one border of the region is the image's own edge, as
-    a part of a part ground or coated differently reaches the edge of the part."""
+    smaller side (up to half the image), so that one border of the region is the image's own
+    edge, as a region ground or coated differently reaches the edge of the part."""
     bands = grdnet.defects.band_masks
 
     def masks(batch, size, generator=None, device=None):
@@ -207,7 +207,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("data")
     ap.add_argument("--out")
-    ap.add_argument("--variant", choices=["none", "zoom", "selfscale", "jitter", "blur", "strokeblur", "halfplane"], default="none")
+    ap.add_argument("--variant", default="none",
+                    choices=["none", "zoom", "selfscale", "jitter", "blur", "strokeblur", "halfplane"])
     ap.add_argument("--preset", default="cpu")
     ap.add_argument("--max-minutes", type=float, default=20)
     ap.add_argument("--config", help="JSON file with model/train overrides")
