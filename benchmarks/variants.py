@@ -97,20 +97,24 @@ def use_jitter() -> None:
     grdnet.training.GRDNetModule._augment = augment
 
 
+def _blurred(x, sigma_range: tuple[float, float], gen=None):
+    """The batch Gaussian-blurred with one sigma drawn uniformly from `sigma_range` (pixels)."""
+    import kornia
+
+    sigma = float(torch.empty(()).uniform_(*sigma_range, generator=gen))
+    k = 2 * int(3 * sigma) + 1
+    return kornia.filters.gaussian_blur2d(x.float(), (k, k), (sigma, sigma), border_type="reflect")
+
+
 def use_blur(share: float = 0.25, sigma_range: tuple[float, float] = (1.0, 3.0)) -> None:
     """A fourth anomaly source: the image itself blurred (texture gone, tone kept: worn, polished
     or smeared surface), for `share` of the samples, sigma uniform in `sigma_range` (pixels)."""
-    import kornia
-
     three = grdnet.defects.DefectSynthesizer.sources
 
     def sources(self, x, gen=None):
         out = three(self, x, gen)
-        b = x.shape[0]
-        sigma = float(torch.empty(()).uniform_(*sigma_range, generator=gen))
-        k = 2 * int(3 * sigma) + 1
-        blurred = kornia.filters.gaussian_blur2d(x.float(), (k, k), (sigma, sigma), border_type="reflect")
-        pick = torch.rand(b, generator=gen, device=x.device) < share
+        blurred = _blurred(x, sigma_range, gen)  # before `pick`: the random order of runs 25-27
+        pick = torch.rand(x.shape[0], generator=gen, device=x.device) < share
         out[pick] = blurred[pick].to(out.dtype)
         return out
 
@@ -121,8 +125,6 @@ def use_stroke_blur(share: float, sigma_range: tuple[float, float]) -> None:
     """The blurred-image source only inside stroke masks, for `share` of the strokes: a thin line
     where the texture is smoothed away (cracks and scratches at low resolution), never a smooth
     blob, so that smooth good regions are not taught as defects."""
-    import kornia
-
     masks, three = grdnet.defects.DefectSynthesizer.masks, grdnet.defects.DefectSynthesizer.sources
 
     def recording_masks(self, batch, size, gen=None, device=None):
@@ -136,9 +138,7 @@ def use_stroke_blur(share: float, sigma_range: tuple[float, float]) -> None:
 
     def sources(self, x, gen=None):
         out = three(self, x, gen)
-        sigma = float(torch.empty(()).uniform_(*sigma_range, generator=gen))
-        k = 2 * int(3 * sigma) + 1
-        blurred = kornia.filters.gaussian_blur2d(x.float(), (k, k), (sigma, sigma), border_type="reflect")
+        blurred = _blurred(x, sigma_range, gen)
         pick = self._strokes & (torch.rand(x.shape[0], generator=gen, device=x.device) < share)
         out[pick] = blurred[pick].to(out.dtype)
         return out

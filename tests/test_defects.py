@@ -80,8 +80,6 @@ def test_mixed_sources_draw_every_kind():
 
 
 def test_unknown_source_kind_is_an_error():
-    import pytest
-
     with pytest.raises(GRDNetError, match="sources"):
         TrainConfig(sources=("nois",))
     with pytest.raises(GRDNetError, match="sources"):
