@@ -49,10 +49,13 @@ def _images(size, seed):
 
 @pytest.fixture(scope="module", params=[(3, 32, "max_pool", False), (1, 32, "max_pool", True),
                                         (3, 64, "topk_mean", False), (1, 64, "max_pool", False)],
-                ids=["rgb32", "gray32-flips", "rgb64-topk", "gray64"])
+                ids=["rgb32", "gray32-flips-scales", "rgb64-topk", "gray64"])
 def exported(request, tmp_path_factory):
     channels, size, rule, flips = request.param
-    cfg, _ = build_config("tiny", model=dict(channels=channels, image_size=size, score_rule=rule, flip_average=flips))
+    # flips and the coarser score views go together, as in the cpu preset
+    scales = (1.0, 0.75, 0.5) if flips else (1.0,)
+    cfg, _ = build_config("tiny", model=dict(channels=channels, image_size=size, score_rule=rule, flip_average=flips,
+                                             score_scales=scales))
     net = _random_net(cfg, seed=channels * 1000 + size)
     images = _images(size, seed=size + channels)
     scores = np.sort([p.score for p in Predictor(net, cfg).predict(images)])
@@ -106,6 +109,7 @@ def test_metadata_carries_the_contract(exported):
     assert "[0, 1]" in props["scaling"] and "bilinear" in props["resize"]
     assert props["score_rule"].startswith(cfg.score_rule)
     assert props["flip_average"].startswith(str(cfg.flip_average).lower())
+    assert ("downscaled" in props["score_scales"]) == (len(cfg.score_scales) > 1)
     assert float(props["threshold"]) == doc["threshold"] and props["threshold_rule"] == "test: widest gap"
     check = json.loads(props["export_check"])
     assert check["max_abs_map_diff"] <= 1e-4 and check["max_abs_score_diff"] <= 1e-4

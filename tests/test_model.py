@@ -64,3 +64,42 @@ def test_bad_image_size_is_a_clear_error():
 
     with pytest.raises(GRDNetError, match="divisible"):
         build_config("cpu", model={"image_size": 100})
+
+
+def test_score_scales_add_coarser_views_to_the_score_only():
+    import torch.nn.functional as F
+
+    from grdnet.scoring import Predictor, image_scores
+    from test_export import _random_net
+
+    m, _ = build_config("tiny", model={"flip_average": True, "score_scales": [1.0, 0.75, 0.5]})
+    one = build_config("tiny", model={"flip_average": True})[0]
+    assert m.score_sizes == (24, 16) and one.score_sizes == ()
+    net = _random_net(m, seed=0)  # batch-norm statistics of its own, so that folding them matters
+    single = InferenceNet(net.encoder, net.decoder, net.segmenter, flip_average=True).eval()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        maps = net(x)
+        assert maps.shape == (2, 3, 32, 32)
+        assert torch.allclose(maps[:, :1], single(x), atol=1e-6)  # channel 0: the anomaly map as before
+        small = F.interpolate(x, size=(16, 16), mode="bilinear", antialias=True, align_corners=False)
+        assert torch.allclose(maps[:, 2:], F.interpolate(single(small), size=(32, 32), mode="bilinear"), atol=1e-6)
+        assert not torch.allclose(maps[:, :1], maps[:, 2:], atol=1e-3)
+    per_view = torch.stack([image_scores(maps[:, i:i + 1], one) for i in range(3)])
+    assert torch.allclose(image_scores(maps, m), per_view.mean(0))
+    # The predictor's CPU network (batch norms folded) computes the same; a network traced as a
+    # whole would fold each batch norm once per view.
+    p = Predictor(net, m)
+    got_maps, got_scores = p._run(x)
+    assert torch.allclose(got_maps, maps, atol=1e-5) and torch.allclose(got_scores, image_scores(maps, m), atol=1e-5)
+    assert p.maps(x).shape == (2, 1, 32, 32)
+    pred = p.predict((x[0].permute(1, 2, 0).numpy() * 255).astype("uint8"))
+    assert pred.anomaly_map.shape == (32, 32) and abs(pred.score - float(got_scores[0])) < 1e-3  # uint8 input
+
+
+@pytest.mark.parametrize("scales", [[0.5], [1.0, 0.3], [1.0, 1.5], []])
+def test_bad_score_scales_are_a_clear_error(scales):
+    from grdnet import GRDNetError
+
+    with pytest.raises(GRDNetError, match="score_scales"):
+        build_config("cpu", model={"score_scales": scales})

@@ -1,7 +1,8 @@
 """ONNX export and ONNX Runtime inference.
 
 `export_onnx` writes one self-describing `.onnx` file: the inference networks plus the score rule
-in one graph (input `image` (B, C, S, S) float in [0, 1]; outputs `anomaly_map` (B, 1, S, S) and
+in one graph (input `image` (B, C, S, S) float in [0, 1]; outputs `anomaly_map` (B, n, S, S), whose
+channel 0 is the anomaly map and the others the coarser views of `ModelConfig.score_scales`, and
 `score` (B,)), with the preprocessing contract, score rule, threshold and the model's full
 config.json in the file's metadata. Before the file is written, the exported graph is run in ONNX
 Runtime on check images and compared with PyTorch; a disagreement is an error, not a file.
@@ -33,14 +34,14 @@ from .modelfile import CONFIG, load_model, parse_config, read_config
 from .scoring import BasePredictor, InferenceNet, image_scores, trained_on_tiles
 
 FORMAT = "grdnet-onnx"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: anomaly_map has a channel per score scale
 DEFAULT_OPSET = 18  # ONNX Runtime >= 1.14, TensorRT, OpenVINO all read it
 PARITY_TOLERANCE = 1e-4  # max abs difference between PyTorch and ONNX Runtime maps and scores
 INPUT, OUTPUTS = "image", ("anomaly_map", "score")
 
 
 class ScoredNet(nn.Module):
-    """The exported graph: images (B, C, S, S) in [0, 1] -> (anomaly maps (B, 1, S, S), scores (B,))."""
+    """The exported graph: images (B, C, S, S) in [0, 1] -> (anomaly maps (B, n, S, S), scores (B,))."""
 
     def __init__(self, net: InferenceNet, cfg: ModelConfig):
         super().__init__()
@@ -75,11 +76,15 @@ def contract(cfg: ModelConfig, meta: dict, config_text: str) -> dict[str, str]:
                    "not kept); the map is resized back to the image size (bilinear, align_corners=False). "
                    "Tiled mode: images larger than the model are cut into overlapping "
                    f"{s}x{s} tiles at native resolution, maps blended with a Hann window"),
-        "outputs": f"anomaly_map: float32 (batch, 1, {s}, {s}) anomaly probability in [0, 1]; "
-                   "score: float32 (batch,) image score",
+        "outputs": f"anomaly_map: float32 (batch, {len(cfg.score_scales)}, {s}, {s}) anomaly probability in [0, 1], "
+                   "channel 0 the anomaly map, the others used for the score only; score: float32 (batch,) image score",
         "flip_average": ("true: inside the graph, the map is the mean over the image and its horizontal, "
                          "vertical and double flip (4 network passes per image)" if cfg.flip_average else "false"),
         "score_rule": rule,
+        "score_scales": (f"the score is the mean of the score rule over the channels of anomaly_map: the map of "
+                         f"the image and of the image downscaled (bilinear, antialiased) to "
+                         f"{', '.join(f'{v}x{v}' for v in cfg.score_sizes)}, each map resized back to {s}x{s} "
+                         "(bilinear)" if cfg.score_sizes else "1.0: the score rule on the anomaly map alone"),
         "threshold": "none" if threshold is None else repr(float(threshold)),
         "threshold_rule": str(meta.get("threshold_rule", "none")),
         "decision": "defective if score >= threshold",

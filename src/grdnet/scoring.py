@@ -29,31 +29,35 @@ ImageInput = Union[str, Path, np.ndarray, Image.Image]
 
 
 class InferenceNet(nn.Module):
-    """x (B, C, S, S) in [0, 1] -> anomaly probability map (B, 1, S, S).
+    """x (B, C, S, S) in [0, 1] -> anomaly probability maps (B, 1 + len(score_sizes), S, S).
 
     Holds (and shares, when built from a training run) the generator's first encoder and
-    decoder and the segmenter: the networks inference needs. With `flip_average`, the map is the
-    mean of the maps of x and its three flips, each flipped back (`ModelConfig.flip_average`).
+    decoder and the segmenter: the networks inference needs. Channel 0 is the anomaly map of x;
+    each further channel is the map of x downscaled to one of `score_sizes`, resized back to S,
+    used only for the image score (`ModelConfig.score_scales`). With `flip_average`, each map is
+    the mean of the maps of the view and its three flips, each flipped back
+    (`ModelConfig.flip_average`).
     """
 
     def __init__(self, encoder: nn.Module, decoder: nn.Module, segmenter: nn.Module,
-                 flip_average: bool = False):
+                 flip_average: bool = False, score_sizes: tuple[int, ...] = ()):
         super().__init__()
         self.encoder, self.decoder, self.segmenter = encoder, decoder, segmenter
-        self.flip_average = flip_average
+        self.flip_average, self.score_sizes = flip_average, tuple(score_sizes)
 
     @classmethod
     def build(cls, cfg: ModelConfig) -> "InferenceNet":
         return cls(ResEncoder(cfg.channels, cfg.gen_widths, cfg.latent_channels),
                    Decoder(cfg.channels, cfg.gen_widths, cfg.latent_channels), Segmenter(cfg),
-                   cfg.flip_average)
+                   cfg.flip_average, cfg.score_sizes)
 
     def anomaly_map(self, x: torch.Tensor) -> torch.Tensor:
         """The map of x alone (B, 1, S, S), without flip averaging."""
         x_hat = self.decoder(self.encoder(x))
         return torch.softmax(self.segmenter(x_hat, x), dim=1)[:, 1:2]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def view_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The map of x (B, 1, S, S), flip-averaged if the model is configured so."""
         if not self.flip_average:
             return self.anomaly_map(x)
         b = x.shape[0]
@@ -62,17 +66,29 @@ class InferenceNet(nn.Module):
         m = self.anomaly_map(views)
         return (m[:b] + m[b:2 * b].flip(-1) + m[2 * b:3 * b].flip(-2) + m[3 * b:].flip(-2, -1)) / 4
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        maps = [self.view_map(x)]
+        for s in self.score_sizes:
+            small = F.interpolate(x, size=(s, s), mode="bilinear", antialias=True, align_corners=False)
+            maps.append(F.interpolate(self.view_map(small), size=x.shape[-2:], mode="bilinear", align_corners=False))
+        return torch.cat(maps, 1)
+
 
 def image_scores(maps: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
-    """Image score from model-resolution maps (B, 1, S, S): by default the maximum of the
-    box-filtered map (DRAEM's protocol), robust to single hot pixels."""
+    """Image scores (B,) from model-resolution maps (B, n, S, S): the score rule on each channel
+    (by default the maximum of the box-filtered map, DRAEM's protocol, robust to single hot
+    pixels), averaged over the channels (the views of `ModelConfig.score_scales`)."""
+    b, n = maps.shape[:2]
+    maps = maps.reshape(b * n, 1, *maps.shape[-2:])
     if cfg.score_rule == "topk_mean":
         flat = maps.flatten(1)
         k = max(1, int(round(cfg.score_topk * flat.shape[1])))
-        return flat.topk(k, dim=1).values.mean(1)
-    k = cfg.score_kernel
-    pooled = F.avg_pool2d(maps, k, stride=1, padding=k // 2, count_include_pad=False)
-    return pooled.flatten(1).amax(1)
+        scores = flat.topk(k, dim=1).values.mean(1)
+    else:
+        k = cfg.score_kernel
+        pooled = F.avg_pool2d(maps, k, stride=1, padding=k // 2, count_include_pad=False)
+        scores = pooled.flatten(1).amax(1)
+    return scores.reshape(b, n).mean(1)
 
 
 @dataclass
@@ -128,12 +144,13 @@ class BasePredictor:
         self.tile, self.tile_overlap = tile, tile_overlap
 
     def _run(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, C, S, S) in [0, 1] -> (maps (B, 1, S, S) float, image scores (B,))."""
+        """(B, C, S, S) in [0, 1] -> (maps (B, n, S, S) float, image scores (B,)); channel 0 is the
+        anomaly map, the others the coarser views of `ModelConfig.score_scales`."""
         raise NotImplementedError
 
     def maps(self, batch: torch.Tensor) -> torch.Tensor:
         """(B, C, S, S) in [0, 1] at model size -> anomaly maps (B, 1, S, S)."""
-        return self._run(batch)[0]
+        return self._run(batch)[0][:, :1]
 
     def predict(self, images: ImageInput | Sequence[ImageInput], threshold: float | None = None,
                 batch_size: int = 16, roi=None, tile: bool | None = None) -> Prediction | list[Prediction]:
@@ -185,7 +202,7 @@ class BasePredictor:
                 scores = image_scores(maps, self.cfg)
             scores = scores.float().cpu().numpy()
             for i, m, s in zip(whole, maps, scores):
-                full = resize_map(m, arrays[i][0].shape[:2])
+                full = resize_map(m[:1], arrays[i][0].shape[:2])
                 if rois[i] is not None:
                     full = full * rois[i]
                 results[i] = self._decide(full, float(s), thr, arrays[i][1])
@@ -218,6 +235,7 @@ class BasePredictor:
             full = full * torch.from_numpy(roi.astype(np.float32))
         # Tiles are at native resolution, so one map pixel is one model pixel: the score rule
         # (kernel in model pixels, or a fraction of pixels) applies to the stitched map as is.
+        # Only the anomaly map is stitched: the coarser views of score_scales are whole-image views.
         score = float(image_scores(full[None, None], self.cfg)[0])
         return full.numpy().astype(np.float32), score
 
@@ -272,7 +290,7 @@ class Predictor(BasePredictor):
         return maps, image_scores(maps, self.cfg)
 
 
-def cpu_inference_net(net: nn.Module) -> nn.Module:
+def cpu_inference_net(net: InferenceNet) -> nn.Module:
     """A copy of `net` (eval mode) for CPU inference: batch norms folded into the convolutions
     before them, weights in channels-last layout. Measured at the `cpu` preset about 2x faster
     than plain eager at batch 1 and 1.1-1.3x at batch 16 (benchmarks/speed.py --only variants,
@@ -283,11 +301,13 @@ def cpu_inference_net(net: nn.Module) -> nn.Module:
         warnings.simplefilter("ignore", DeprecationWarning)
         from torch.fx.experimental.optimization import fuse
 
+    # Each network is folded on its own: traced as a whole, a network called once per score
+    # scale would have its batch norms folded into the same convolution once per call.
     try:
-        fast = fuse(net)
+        parts = [fuse(m) for m in (net.encoder, net.decoder, net.segmenter)]
     except Exception:  # tracing fails on data-dependent control flow: keep the plain network
         return net
-    return fast.to(memory_format=torch.channels_last)
+    return InferenceNet(*parts, net.flip_average, net.score_sizes).to(memory_format=torch.channels_last)
 
 
 def trained_on_tiles(meta: dict) -> bool:

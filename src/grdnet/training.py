@@ -82,7 +82,7 @@ class GRDNetModule(L.LightningModule):
 
     def inference_net(self) -> InferenceNet:
         return InferenceNet(self.generator.encoder, self.generator.decoder, self.segmenter,
-                            self.model_cfg.flip_average)
+                            self.model_cfg.flip_average, self.model_cfg.score_sizes)
 
     def configure_optimizers(self):
         t = self.train_cfg
