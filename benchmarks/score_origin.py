@@ -2,14 +2,15 @@
 
     python benchmarks/score_origin.py ../shared/data/magnetic_tile MODEL [MODEL ...] [--grow N]
 
-For each defect type: the share of defective images whose score (the maximum of the model's
-score-filtered map, as `grdnet test` computes it) lies on the defect (its mask at model
-resolution, grown by `--grow` model pixels, default 1, so that a response just beside it counts
-as on it), and the image AUROC against the good test images when the defective images are scored
-only on their defect (`on`) or only off it (`off`; the good images on their whole area, which
-only favours them). An `off` AUROC well above 0.5 means the defective images of that type differ from the good ones away from the defect
-(another batch, another tile shape, another focus): image AUROC then rewards a model for firing on
-that difference, which no other production line will have.
+For each defect type: the share of defective images whose anomaly map's maximum (score-filtered)
+lies on the defect (its mask at model resolution, grown by `--grow` model pixels, default 1, so
+that a response just beside it counts as on it), and the image AUROC against the good test images
+when the defective images are scored only on their defect (`on`) or only off it (`off`; the good
+images on their whole area, which only favours them). With `score_scales`, each view's maximum is
+taken on or off the defect and the views averaged, as the image score averages them. An `off`
+AUROC well above 0.5 means the defective images of that type differ from the good ones away from
+the defect (another batch, another tile shape, another focus): image AUROC then rewards a model for
+firing on that difference, which no other production line will have.
 """
 import argparse
 
@@ -38,17 +39,21 @@ def main():
         good = []
         for i in range(0, len(samples), 32):
             chunk = samples[i:i + 32]
-            maps = p.maps(torch.stack([load_image(t.path, c, s) for t in chunk])).reshape(len(chunk), 1, s, s)
-            filtered = F.avg_pool2d(maps, k, stride=1, padding=k // 2, count_include_pad=False).flatten(1)
+            # all channels: the anomaly map and the coarser views of score_scales, each at s x s
+            maps = p._run(torch.stack([load_image(t.path, c, s) for t in chunk]))[0].float()
+            n = maps.shape[1]
+            filtered = F.avg_pool2d(maps.reshape(-1, 1, s, s), k, stride=1, padding=k // 2,
+                                    count_include_pad=False).reshape(len(chunk), n, s * s)
             for t, f in zip(chunk, filtered):
                 if t.label == 0:
-                    good.append(float(f.max()))
+                    good.append(float(f.amax(1).mean()))
                     continue
                 full = torch.from_numpy(load_mask(t.mask_path, image_size_of(t.path))).float()[None, None]
                 on = F.max_pool2d(F.adaptive_max_pool2d(full, s), g, stride=1, padding=a.grow).flatten().bool()
+                # the image score restricted to the defect or to the rest: per view, then averaged
                 rows.setdefault(t.defect_type, []).append(
-                    (bool(on[f.argmax()]), float(f[on].max()) if on.any() else 0.0,
-                     float(f[~on].max()) if (~on).any() else 0.0))
+                    (bool(on[f[0].argmax()]), float(f[:, on].amax(1).mean()) if on.any() else 0.0,
+                     float(f[:, ~on].amax(1).mean()) if (~on).any() else 0.0))
         print(f"{model} (defect grown by {a.grow} px)")
         print(f"  {'type':<10} {'n':>4} {'score on defect':>16} {'AUROC on':>9} {'AUROC off':>10}")
         for name, r in sorted(rows.items()):
