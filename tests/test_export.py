@@ -52,7 +52,7 @@ def _images(size, seed):
                 ids=["rgb32", "gray32-flips-scales", "rgb64-topk", "gray64"])
 def exported(request, tmp_path_factory):
     channels, size, rule, flips = request.param
-    # flips and the coarser score views go together, as in the cpu preset
+    # one case with the coarser score views too: their channels go through the graph and the ROI path
     scales = (1.0, 0.75, 0.5) if flips else (1.0,)
     cfg, _ = build_config("tiny", model=dict(channels=channels, image_size=size, score_rule=rule, flip_average=flips,
                                              score_scales=scales))

@@ -44,14 +44,14 @@ class ModelConfig:
         self.seg_widths = tuple(self.seg_widths)
         if self.channels not in (1, 3):
             raise GRDNetError(f"channels must be 1 or 3, got {self.channels}")
-        if self.image_size % (2 ** len(self.gen_widths)) or self.image_size % (2 ** (len(self.seg_widths) - 1)):
+        step = 2 ** max(len(self.gen_widths), len(self.seg_widths) - 1)  # every view must pool this far
+        if self.image_size % step:
             raise GRDNetError(
                 f"image_size {self.image_size} must be divisible by 2**stages "
                 f"({len(self.gen_widths)} generator stages, {len(self.seg_widths) - 1} U-Net poolings)")
         if self.score_rule not in ("max_pool", "topk_mean"):
             raise GRDNetError(f"score_rule must be 'max_pool' or 'topk_mean', got {self.score_rule!r}")
         self.score_scales = tuple(float(v) for v in self.score_scales)
-        step = 2 ** max(len(self.gen_widths), len(self.seg_widths) - 1)
         if not self.score_scales or self.score_scales[0] != 1.0 or any(
                 not 0 < v <= 1 or (v * self.image_size) % step for v in self.score_scales):
             raise GRDNetError(f"score_scales {list(self.score_scales)}: the first must be 1.0, each in (0, 1], and "

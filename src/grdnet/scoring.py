@@ -71,7 +71,7 @@ class InferenceNet(nn.Module):
         for s in self.score_sizes:
             small = F.interpolate(x, size=(s, s), mode="bilinear", antialias=True, align_corners=False)
             maps.append(F.interpolate(self.view_map(small), size=x.shape[-2:], mode="bilinear", align_corners=False))
-        return torch.cat(maps, 1)
+        return maps[0] if len(maps) == 1 else torch.cat(maps, 1)  # no copy for the usual single view
 
 
 def image_scores(maps: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
