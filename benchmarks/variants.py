@@ -18,6 +18,11 @@ Variants (default: none, the preset as it is):
   the tone kept (a worn, polished or smeared patch).
 - `strokeblur`: the same blurred source, but only inside stroke masks (`TrainConfig.line_masks`),
   for `--blur-share` of them: a thin line whose texture is smoothed away, never a smooth blob.
+- `grain`: a share of the anomaly sources (`--grain-share`, default a quarter) replaced by the
+  image with its fine texture amplified or damped (gain in `--grain-gain`, default 1.5-4), the
+  local tone kept: a patch ground or polished differently (streaks stronger or fainter).
+- `selfshade`: the `self` source also darkened or brightened by e**U(-g, g) (`--self-log-gain`,
+  default 0.5): another finish at another tone, as a region ground differently is.
 - `halfplane`: half of the band masks are half-planes instead (the region on one side of a
   straight line, up to half the image): a region of another finish that reaches the part's edge.
 
@@ -121,6 +126,41 @@ def use_blur(share: float = 0.25, sigma_range: tuple[float, float] = (1.0, 3.0))
     grdnet.defects.DefectSynthesizer.sources = sources
 
 
+def use_grain(share: float, gain_range: tuple[float, float]) -> None:
+    """A fourth anomaly source: the image with its fine texture (what a 1.5 px Gaussian removes)
+    scaled by a gain e**U(log(gain_range)), the local tone kept: a patch ground, brushed or
+    polished differently, whose streaks are stronger (gain > 1) or fainter (< 1) than around it.
+    For `share` of the samples."""
+    three = grdnet.defects.DefectSynthesizer.sources
+
+    def sources(self, x, gen=None):
+        out = three(self, x, gen)
+        b = x.shape[0]
+        base = _blurred(x, (1.5, 1.5), gen)
+        lo, hi = (math.log(g) for g in gain_range)
+        gain = torch.exp(torch.empty(b, 1, 1, 1, device=x.device).uniform_(lo, hi, generator=gen))
+        grain = (base + gain * (x.float() - base)).clamp(0, 1)
+        pick = torch.rand(b, generator=gen, device=x.device) < share
+        out[pick] = grain[pick].to(out.dtype)
+        return out
+
+    grdnet.defects.DefectSynthesizer.sources = sources
+
+
+def use_self_shade(log_gain: float) -> None:
+    """The `self` source (another tile's texture, shifted) also darkened or brightened by a gain
+    e**U(-log_gain, log_gain): material of another finish *and* tone, as a region ground
+    differently is both (the plain `self` source pastes a similar finish at a similar tone)."""
+    plain = grdnet.defects.DefectSynthesizer._self_source
+
+    def self_source(self, x, gen=None):
+        other = plain(self, x, gen)
+        g = torch.empty(x.shape[0], 1, 1, 1, device=x.device).uniform_(-log_gain, log_gain, generator=gen)
+        return (other * torch.exp(g)).clamp(0, 1)
+
+    grdnet.defects.DefectSynthesizer._self_source = self_source
+
+
 def use_stroke_blur(share: float, sigma_range: tuple[float, float]) -> None:
     """The blurred-image source only inside stroke masks, for `share` of the strokes: a thin line
     where the texture is smoothed away (cracks and scratches at low resolution), never a smooth
@@ -208,13 +248,16 @@ def main():
     ap.add_argument("data")
     ap.add_argument("--out")
     ap.add_argument("--variant", default="none",
-                    choices=["none", "zoom", "selfscale", "jitter", "blur", "strokeblur", "halfplane"])
+                    choices=["none", "zoom", "selfscale", "jitter", "blur", "strokeblur", "halfplane", "grain", "selfshade"])
     ap.add_argument("--preset", default="cpu")
     ap.add_argument("--max-minutes", type=float, default=20)
     ap.add_argument("--config", help="JSON file with model/train overrides")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--blur-share", type=float, default=0.25)
     ap.add_argument("--blur-sigma", type=float, nargs=2, default=(1.0, 3.0))
+    ap.add_argument("--grain-share", type=float, default=0.25)
+    ap.add_argument("--grain-gain", type=float, nargs=2, default=(1.5, 4.0))
+    ap.add_argument("--self-log-gain", type=float, default=0.5)
     ap.add_argument("--evaluate", metavar="MODEL", help="only evaluate this model")
     a = ap.parse_args()
     model = a.evaluate
@@ -224,7 +267,9 @@ def main():
         {"none": lambda: None, "zoom": use_zoom, "selfscale": use_selfscale, "jitter": use_jitter,
          "blur": lambda: use_blur(a.blur_share, tuple(a.blur_sigma)),
          "strokeblur": lambda: use_stroke_blur(a.blur_share, tuple(a.blur_sigma)),
-         "halfplane": use_half_planes}[a.variant]()
+         "halfplane": use_half_planes,
+         "grain": lambda: use_grain(a.grain_share, tuple(a.grain_gain)),
+         "selfshade": lambda: use_self_shade(a.self_log_gain)}[a.variant]()
         t0 = time.time()
         model = grdnet.train(a.data, a.out, preset=a.preset, max_minutes=a.max_minutes,
                              model=file_section(a.config, "model"),
