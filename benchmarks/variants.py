@@ -248,7 +248,8 @@ def main():
     ap.add_argument("data")
     ap.add_argument("--out")
     ap.add_argument("--variant", default="none",
-                    choices=["none", "zoom", "selfscale", "jitter", "blur", "strokeblur", "halfplane", "grain", "selfshade"])
+                    choices=["none", "zoom", "selfscale", "jitter", "blur", "strokeblur", "halfplane", "grain",
+                             "selfshade"])
     ap.add_argument("--preset", default="cpu")
     ap.add_argument("--max-minutes", type=float, default=20)
     ap.add_argument("--config", help="JSON file with model/train overrides")
