@@ -1,6 +1,7 @@
 """Try a training variant that is not (yet) a package option, then evaluate the model at one and
-at two scales. An experiment harness for docs/EXPERIMENTS.md: a variant that pays off becomes a
-`TrainConfig` option; one that does not stays here, so that the recorded run can be repeated.
+at two scales (a model whose `ModelConfig.aspect` is not "squeeze": `grdnet test`'s figures only).
+An experiment harness for docs/EXPERIMENTS.md: a variant that pays off becomes a `TrainConfig`
+option; one that does not stays here, so that the recorded run can be repeated.
 
     python benchmarks/variants.py ../shared/data/magnetic_tile --out /tmp/v/zoom --variant zoom \
         --max-minutes 20 [--config overrides.json]
@@ -23,6 +24,9 @@ Variants (default: none, the preset as it is):
   local tone kept: a patch ground or polished differently (streaks stronger or fainter).
 - `selfshade`: the `self` source also darkened or brightened by e**U(-g, g) (`--self-log-gain`,
   default 0.5): another finish at another tone, as a region ground differently is.
+- `mixaspect`: a share of the training samples (`--aspect-share`, default half) are random
+  model-size crops of the image resized with its aspect ratio kept (shorter side = model size),
+  the rest the whole image squeezed as usual: both views that `aspect` "both" scores, in training.
 - `halfplane`: half of the band masks are half-planes instead (the region on one side of a
   straight line, up to half the image): a region of another finish that reaches the part's edge.
 
@@ -46,16 +50,17 @@ import grdnet
 import grdnet.defects
 import grdnet.training
 from grdnet.config import file_section
-from grdnet.data import image_size_of, load_image, load_mask, test_samples
+from grdnet.data import image_size_of, load_image, load_mask, resize_to, test_samples
+from grdnet.evaluation import run_test
 from grdnet.metrics import evaluate
 from grdnet.scoring import image_scores, resize_map
 
 
 def use_zoom() -> None:
     class ZoomDataset(grdnet.training.ImageDataset):
-        def __init__(self, paths, channels, size, rois=None, crop=False):
-            if rois is not None or crop:
-                raise SystemExit("the zoom variant supports neither ROIs nor train_crops")
+        def __init__(self, paths, channels, size, rois=None, crop=False, keep_aspect=False):
+            if rois is not None or crop or keep_aspect:
+                raise SystemExit("the zoom variant supports neither ROIs nor train_crops nor aspect 'keep'")
             self.paths, self.size = list(paths), size
             self.cache = [(load_image(p, channels, 2 * size) * 255).round().to(torch.uint8) for p in self.paths]
 
@@ -69,6 +74,27 @@ def use_zoom() -> None:
             return torch.cat([img, torch.ones(1, s, s)])
 
     grdnet.training.ImageDataset = ZoomDataset
+
+
+def use_mixed_aspect(share: float) -> None:
+    class MixedAspectDataset(grdnet.training.ImageDataset):
+        """A `share` of samples a random model-size crop of the aspect-kept image (shorter side =
+        model size), the rest the whole image squeezed into the square, as usual."""
+
+        def __init__(self, paths, channels, size, rois=None, crop=False, keep_aspect=False):
+            if rois is not None or crop or keep_aspect:
+                raise SystemExit("the mixaspect variant supports neither ROIs nor train_crops nor aspect 'keep'")
+            super().__init__(paths, channels, size, keep_aspect=True)
+
+        def __getitem__(self, i):
+            item = super().__getitem__(i)  # a random crop of the aspect-kept image
+            if float(torch.rand(())) >= share:
+                s = self.size
+                img = self.cache[i][:-1].float() / 255.0
+                item = torch.cat([resize_to(img, (s, s)), torch.ones(1, s, s)])
+            return item
+
+    grdnet.training.ImageDataset = MixedAspectDataset
 
 
 def use_selfscale() -> None:
@@ -210,6 +236,11 @@ def use_half_planes() -> None:
 
 def two_scale_report(model, data) -> dict:
     p = grdnet.load(model)
+    if p.cfg.aspect != "squeeze":  # its map is not one square view: only `grdnet test`'s own figures
+        o = run_test(p, data)["metrics"]
+        out = {"whole": {k: round(o[k], 3) for k in ("image_auroc", "pixel_auroc", "aupro")}}
+        print(json.dumps({"map": "whole", **out["whole"]}), flush=True)
+        return out
     s, c = p.cfg.image_size, p.cfg.channels
     samples = test_samples(data)
     whole, zoom = [], []
@@ -249,7 +280,7 @@ def main():
     ap.add_argument("--out")
     ap.add_argument("--variant", default="none",
                     choices=["none", "zoom", "selfscale", "jitter", "blur", "strokeblur", "halfplane", "grain",
-                             "selfshade"])
+                             "selfshade", "mixaspect"])
     ap.add_argument("--preset", default="cpu")
     ap.add_argument("--max-minutes", type=float, default=20)
     ap.add_argument("--config", help="JSON file with model/train overrides")
@@ -259,6 +290,7 @@ def main():
     ap.add_argument("--grain-share", type=float, default=0.25)
     ap.add_argument("--grain-gain", type=float, nargs=2, default=(1.5, 4.0))
     ap.add_argument("--self-log-gain", type=float, default=0.5)
+    ap.add_argument("--aspect-share", type=float, default=0.5)
     ap.add_argument("--evaluate", metavar="MODEL", help="only evaluate this model")
     a = ap.parse_args()
     model = a.evaluate
@@ -270,7 +302,8 @@ def main():
          "strokeblur": lambda: use_stroke_blur(a.blur_share, tuple(a.blur_sigma)),
          "halfplane": use_half_planes,
          "grain": lambda: use_grain(a.grain_share, tuple(a.grain_gain)),
-         "selfshade": lambda: use_self_shade(a.self_log_gain)}[a.variant]()
+         "selfshade": lambda: use_self_shade(a.self_log_gain),
+         "mixaspect": lambda: use_mixed_aspect(a.aspect_share)}[a.variant]()
         t0 = time.time()
         model = grdnet.train(a.data, a.out, preset=a.preset, max_minutes=a.max_minutes,
                              model=file_section(a.config, "model"),

@@ -1,4 +1,5 @@
 """ONNX export: the exported file agrees with PyTorch, describes itself, and works in the CLI."""
+import dataclasses
 import json
 
 import numpy as np
@@ -11,7 +12,7 @@ import grdnet
 from grdnet.cli import main
 from grdnet.config import build_config
 from grdnet.errors import GRDNetError
-from grdnet.export import OnnxPredictor, export_onnx
+from grdnet.export import OnnxPredictor, export_onnx, resize_contract
 from grdnet.modelfile import save_model
 from grdnet.scoring import InferenceNet, Predictor
 from test_cli import _assert_clean_error, run_cli
@@ -97,6 +98,18 @@ def test_parity_tiled_and_roi(exported):
     for kw in ({"tile": True}, {"tile": True, "roi": roi}, {"roi": roi}):
         x, y = torch_p.predict(big, **kw), onnx_p.predict(big, **kw)
         assert np.abs(x.anomaly_map - y.anomaly_map).max() <= 1e-4 and abs(x.score - y.score) <= 1e-4
+
+
+def test_parity_aspect_views(exported):
+    folder, onnx_file, _ = exported
+    torch_p, onnx_p = grdnet.load(folder), grdnet.load(onnx_file)
+    s = torch_p.cfg.image_size
+    wide = np.random.default_rng(6).integers(0, 256, (s + 9, 3 * s, 3), dtype=np.uint8)
+    for mode in ("keep", "both") if len(torch_p.cfg.score_scales) == 1 else ("both",):  # keep: one view only
+        torch_p.cfg = onnx_p.cfg = dataclasses.replace(torch_p.cfg, aspect=mode)
+        x, y = torch_p.predict(wide), onnx_p.predict(wide)
+        assert np.abs(x.anomaly_map - y.anomaly_map).max() <= 1e-4 and abs(x.score - y.score) <= 1e-4
+    assert "maximum of the two maps" in resize_contract(torch_p.cfg)
 
 
 def test_metadata_carries_the_contract(exported):

@@ -2,6 +2,8 @@
 
 The stitching is tested with stub networks whose map is a known function of the input, so that
 what is checked is the tiling itself, not a trained model."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +14,7 @@ from torch import nn
 
 import grdnet.scoring as scoring
 from grdnet.config import build_config
-from grdnet.data import ImageDataset
+from grdnet.data import ImageDataset, resize_to
 from grdnet.scoring import Predictor, image_scores, tile_starts
 
 CFG = build_config("tiny")[0]  # 32 px, max_pool score with a 5x5 box
@@ -188,3 +190,80 @@ def test_roi_of_the_wrong_size_is_a_clear_error():
 
     with pytest.raises(GRDNetError, match="ROI is 10x20 but the image is 170x150"):
         Predictor(Gray(), CFG).predict(np.zeros((150, 170), np.uint8), tile=True, roi=np.ones((20, 10), bool))
+
+
+KEEP = dataclasses.replace(CFG, aspect="keep")
+
+
+def test_keep_aspect_tiles_the_image_scaled_alike_both_ways(monkeypatch):
+    img = np.tile(np.linspace(100, 255, 150, dtype=np.float32), (60, 1)).astype(np.uint8)  # 60 x 150
+    img[20:40, 60:80] = 0  # a square, which must stay square in the tiles
+    predictor = Predictor(Gray(), KEEP)
+    seen = []
+    run = predictor._run
+    monkeypatch.setattr(predictor, "_run", lambda b: (seen.append(b.clone()), run(b))[1])
+    pred = predictor.predict(img)  # no tile flag needed: an aspect "keep" model always tiles
+    scaled = resize_to(torch.from_numpy(img / 255.0).float()[None], (32, 80))  # shorter side 60 -> 32
+    tiles = torch.cat(seen)
+    assert tiles.shape == (len(tile_starts(80, 32, 0.25)), 3, 32, 32)  # grey repeated to the model's RGB
+    for t, x in zip(tiles, tile_starts(80, 32, 0.25)):
+        torch.testing.assert_close(t, scaled[:, :, x:x + 32].expand(3, -1, -1))
+    dark = (scaled[0] < 0.02).nonzero()
+    height, width = (dark.max(0).values - dark.min(0).values + 1).tolist()
+    assert abs(height - width) <= 1  # squeezed into 32 x 32, the square would be 2.5x taller than wide
+    # The score rule runs on the blended map at the scaled size, whose box is in model pixels.
+    assert pred.score == pytest.approx(float(image_scores(scaled[None], KEEP)[0]), abs=1e-5)
+    assert pred.anomaly_map.shape == (60, 150)
+    np.testing.assert_allclose(pred.anomaly_map[:, 100:], img[:, 100:] / 255.0, atol=0.03)
+
+
+def test_keep_aspect_roi_and_square_images():
+    predictor = Predictor(Gray(), KEEP)
+    img = np.full((50, 100), 200, np.uint8)
+    roi = np.zeros((50, 100), bool)
+    roi[:, 50:] = True
+    r = predictor.predict(img, roi=roi)
+    assert r.anomaly_map[:, :50].max() == 0 and r.anomaly_map[:, 52:].min() > 0.75
+    square = np.random.default_rng(4).integers(0, 256, (32, 32), dtype=np.uint8)
+    assert predictor.predict(square).score == pytest.approx(Predictor(Gray(), CFG).predict(square).score)
+
+
+def test_keep_aspect_dataset_and_config(tmp_path):
+    from grdnet.errors import GRDNetError
+
+    rng = np.random.default_rng(5)
+    paths = [_write(tmp_path / "wide.png", rng.integers(0, 256, (40, 100, 3), dtype=np.uint8)),
+             _write(tmp_path / "tall.png", rng.integers(0, 256, (120, 48, 3), dtype=np.uint8))]
+    ds = ImageDataset(paths, 3, 32, keep_aspect=True)
+    assert [tuple(c.shape) for c in ds.cache] == [(4, 32, 80), (4, 80, 32)]
+    assert ds[0].shape == ds[1].shape == (4, 32, 32)
+    with pytest.raises(GRDNetError, match="aspect 'keep'"):
+        build_config("tiny", model={"aspect": "keep", "score_scales": [1.0, 0.5]})
+    with pytest.raises(GRDNetError, match="aspect must be"):
+        build_config("tiny", model={"aspect": "crop"})
+
+
+def test_training_with_aspect_keep_gives_a_tiling_model(tmp_path):
+    import grdnet
+    from conftest import write_dataset
+
+    data = write_dataset(tmp_path / "data", n_train=6, n_good=1, n_bad=1, size=(48, 96))
+    model = grdnet.train(data, tmp_path / "run", preset="tiny", epochs=1, progress=False,
+                         model={"aspect": "keep"})
+    predictor = grdnet.load(model)
+    assert predictor.cfg.aspect == "keep"
+    assert predictor.predict(data / "test" / "hole" / "000.png").anomaly_map.shape == (48, 96)
+
+
+def test_aspect_both_is_the_max_of_the_squeezed_and_aspect_kept_views():
+    h, w = 40, 200
+    img = np.full((h, w), 128, np.uint8)
+    img[5:35, 100:102] = 0  # a thin dark crack across the short side: squeezed 6x narrower, it fades
+    squeeze, keep = Predictor(Darkness(), CFG), Predictor(Darkness(), KEEP)
+    both = Predictor(Darkness(), dataclasses.replace(CFG, aspect="both"))
+    s, k, b = squeeze.predict(img), keep.predict(img), both.predict(img)
+    assert k.score > 2 * s.score  # the aspect-kept view sees the crack at 1.25x, not at 0.16x
+    assert b.score == pytest.approx(max(s.score, k.score))
+    np.testing.assert_allclose(b.anomaly_map, np.maximum(s.anomaly_map, k.anomaly_map), atol=1e-6)
+    square = np.random.default_rng(6).integers(0, 256, (50, 50), dtype=np.uint8)  # one view only
+    assert both.predict(square).score == squeeze.predict(square).score

@@ -37,6 +37,16 @@ class ModelConfig:
     # in a preset: on magnetic_tile (1.0, 0.75) raised image AUROC mostly away from the defects
     # (docs/EXPERIMENTS.md runs 37, 39).
     score_scales: tuple[float, ...] = (1.0,)
+    # How an image of another shape meets the square model input. "squeeze": the whole image
+    # resized to image_size x image_size (the paper's). "keep": aspect ratio kept, shorter side
+    # resized to image_size; training takes random image_size crops of it and inference scores it
+    # as overlapping tiles. "both": trained as "squeeze"; inference also scores the "keep" view and
+    # takes the pixel-wise maximum of the two maps and the larger score: squeezing a 600 x 240 px
+    # image into a square shrinks a crack across it 2.5x more than its length, the aspect-kept
+    # view does not; square images have one view. Measured on magnetic_tile (EXPERIMENTS.md runs
+    # 53-58): "keep" locates thin defects better and large regions of another finish worse than
+    # "squeeze"; "both" keeps the better of each.
+    aspect: str = "squeeze"
 
     def __post_init__(self):
         self.gen_widths = tuple(self.gen_widths)
@@ -56,6 +66,11 @@ class ModelConfig:
                 not 0 < v <= 1 or (v * self.image_size) % step for v in self.score_scales):
             raise GRDNetError(f"score_scales {list(self.score_scales)}: the first must be 1.0, each in (0, 1], and "
                               f"each times image_size {self.image_size} a multiple of {step}")
+
+        if self.aspect not in ("squeeze", "keep", "both"):
+            raise GRDNetError(f"aspect must be 'squeeze', 'keep' or 'both', got {self.aspect!r}")
+        if self.aspect == "keep" and len(self.score_scales) > 1:
+            raise GRDNetError("score_scales needs whole-image views: it cannot be combined with aspect 'keep'")
 
     @property
     def latent_size(self) -> int:
@@ -154,8 +169,9 @@ class TrainConfig:
 # segmenter at 1e-3 while the GAN stays at 1e-4, three anomaly-source kinds, Perlin cells of at
 # least 4 px with thresholds down to 0.1 (defects from 1% to a third of the image), strokes and
 # bands among the mask shapes, no rotation (industrial cameras are fixed; flips stay), an
-# exponential moving average of the weights, and maps averaged over the four flips of the image
-# (4x the inference cost of one pass).
+# exponential moving average of the weights, maps averaged over the four flips of the image
+# (4x the inference cost of one pass), and non-square images also scored at their own aspect
+# ratio (`aspect` "both": about 2-3x the inference cost again on such images).
 PRESETS: dict[str, tuple[dict, dict]] = {
     "paper": (
         dict(image_size=256, gen_widths=(64, 128, 256, 512, 512), latent_channels=32,
@@ -166,7 +182,7 @@ PRESETS: dict[str, tuple[dict, dict]] = {
     "cpu": (
         dict(image_size=64, gen_widths=(16, 32, 64, 128), latent_channels=32,
              disc_widths=(16, 32, 64, 128), seg_widths=(16, 32, 64, 128, 128),
-             score_kernel=3, flip_average=True),
+             score_kernel=3, flip_average=True, aspect="both"),
         dict(epochs=200, batch_size=16, lr=1e-4, seg_lr=1e-3, sources=("noise", "shade", "self"),
              perlin_max_exp=4, perlin_threshold_low=0.1, line_masks=0.3, band_masks=0.2, rotation=0.0,
              ema_decay=0.99),

@@ -7,6 +7,7 @@ sees them resized to the model size, and maps are resized back to each image's o
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,6 +77,22 @@ def array_to_tensor(a: np.ndarray, size: int | None) -> torch.Tensor:
 
 def load_image(path, channels: int, size: int | None) -> torch.Tensor:
     return array_to_tensor(pil_to_array(open_image(path), channels), size)
+
+
+def short_side_size(hw: tuple[int, int], short: int) -> tuple[int, int]:
+    """(H, W) scaled so that the shorter side is `short`, aspect ratio kept."""
+    h, w = hw
+    f = short / min(h, w)
+    return max(short, round(h * f)), max(short, round(w * f))
+
+
+def resize_to(t: torch.Tensor, hw: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
+    """(C, H, W) float -> (C, *hw); antialiased when shrinking an image, `mode="nearest"` for masks."""
+    if tuple(t.shape[-2:]) == tuple(hw):
+        return t
+    if mode == "nearest":
+        return F.interpolate(t[None], size=tuple(hw), mode="nearest")[0]
+    return F.interpolate(t[None], size=tuple(hw), mode=mode, antialias=True, align_corners=False)[0].clamp(0, 1)
 
 
 def load_mask(path, expected_size: tuple[int, int] | None = None) -> np.ndarray:
@@ -173,7 +190,9 @@ class ImageDataset(torch.utils.data.Dataset):
     `crop=True` keeps each image at its own resolution and returns a random model-size crop
     (ROI cropped alike) instead of the whole image resized: the model then sees defects at their
     real pixel size, and tiled inference (`predict(..., tile=True)`) matches it. Images smaller
-    than the model size are padded by repeating their edge.
+    than the model size are padded by repeating their edge. `keep_aspect=True` (a model with
+    `ModelConfig.aspect` "keep") first resizes each image so that its shorter side is the model
+    size, then crops: the image is scaled alike in both directions, never squeezed.
 
     Small datasets are decoded once and kept in memory as uint8 (the usual case on one machine);
     large ones are decoded on demand in the loader's workers.
@@ -182,11 +201,14 @@ class ImageDataset(torch.utils.data.Dataset):
     CACHE_BYTES = 2 * 1024 ** 3
 
     def __init__(self, paths: list[Path], channels: int, size: int, rois: list[Path | None] | None = None,
-                 crop: bool = False):
+                 crop: bool = False, keep_aspect: bool = False):
         self.paths, self.channels, self.size = list(paths), channels, size
-        self.rois, self.crop = rois, crop
+        self.rois, self.keep_aspect = rois, keep_aspect
+        self.crop = crop or keep_aspect
         self.cache = None
-        if crop:
+        if keep_aspect:
+            pixels = sum(math.prod(short_side_size(wh[::-1], size)) for wh in map(image_size_of, self.paths))
+        elif crop:
             pixels = sum(max(w, size) * max(h, size) for w, h in map(image_size_of, self.paths))
         else:
             pixels = len(self.paths) * size * size
@@ -200,6 +222,9 @@ class ImageDataset(torch.utils.data.Dataset):
         roi = torch.ones(1, *img.shape[1:])
         if self.rois is not None and self.rois[i] is not None:
             roi = load_roi(self.rois[i], size, image_path=self.paths[i])
+        if self.keep_aspect:
+            hw = short_side_size(img.shape[1:], self.size)
+            img, roi = resize_to(img, hw), resize_to(roi, hw, mode="nearest")
         item = (torch.cat([img, roi]) * 255).round().to(torch.uint8)
         h, w = item.shape[1:]
         if self.crop and (h < self.size or w < self.size):

@@ -72,10 +72,7 @@ def contract(cfg: ModelConfig, meta: dict, config_text: str) -> dict[str, str]:
         "color": ("RGB; grayscale images repeated to 3 channels" if c == 3 else
                   "grayscale: PIL 'L' (ITU-R 601-2 luma) of colour images")
                  + "; transparent pixels composited onto black",
-        "resize": (f"whole image resized to {s}x{s} (bilinear, antialiased, align_corners=False; aspect ratio "
-                   "not kept); the map is resized back to the image size (bilinear, align_corners=False). "
-                   "Tiled mode: images larger than the model are cut into overlapping "
-                   f"{s}x{s} tiles at native resolution, maps blended with a Hann window"),
+        "resize": resize_contract(cfg),
         "outputs": f"anomaly_map: float32 (batch, {len(cfg.score_scales)}, {s}, {s}) anomaly probability in [0, 1], "
                    "channel 0 the anomaly map, the others used for the score only; score: float32 (batch,) image score",
         "flip_average": ("true: inside the graph, the map is the mean over the image and its horizontal, "
@@ -91,6 +88,23 @@ def contract(cfg: ModelConfig, meta: dict, config_text: str) -> dict[str, str]:
         "tiled_training": str(trained_on_tiles(meta)).lower(),
         "config_json": config_text,
     }
+
+
+def resize_contract(cfg: ModelConfig) -> str:
+    s = cfg.image_size
+    squeeze = (f"whole image resized to {s}x{s} (bilinear, antialiased, align_corners=False; aspect ratio "
+               "not kept); the map is resized back to the image size (bilinear, align_corners=False). "
+               "Tiled mode: images larger than the model are cut into overlapping "
+               f"{s}x{s} tiles at native resolution, maps blended with a Hann window")
+    keep = (f"image resized so that its shorter side is {s} px (bilinear, antialiased, align_corners=False), cut "
+            f"into overlapping {s}x{s} tiles (overlap 0.25), maps blended with a Hann window; the score rule is "
+            "applied to the blended map, which is then resized back to the image size (bilinear, align_corners=False)")
+    if cfg.aspect == "keep":
+        return "aspect keep: " + keep
+    if cfg.aspect == "both":
+        return (f"aspect both: view 1, {squeeze}; view 2 (non-square images), {keep}; the anomaly map is the "
+                "pixel-wise maximum of the two maps, the score the larger of the two scores")
+    return squeeze
 
 
 def _check_inputs(cfg: ModelConfig) -> torch.Tensor:

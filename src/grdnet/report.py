@@ -164,7 +164,7 @@ def model_info(model_path, predictor: Predictor) -> dict:
     return {"path": str(resolve_model_dir(model_path).resolve()) if model_path is not None else None,
             "image_size": predictor.cfg.image_size, "channels": predictor.cfg.channels,
             "score_rule": predictor.cfg.score_rule, "score_scales": list(predictor.cfg.score_scales),
-            "trained_on": training.get("data"),
+            "aspect": predictor.cfg.aspect, "trained_on": training.get("data"),
             "trained_until": training.get("finished"), "epochs": training.get("epochs"),
             "threshold_rule": meta.get("threshold_rule"), "calibration": meta.get("calibration")}
 
@@ -270,8 +270,8 @@ def _html(report: dict) -> str:
         return "<div class='grid'>" + "".join(out) + "</div>"
 
     info = [("model", model.get("path")), ("trained on", model.get("trained_on")),
-            ("input", f"{model['image_size']} px, {model['channels']} channel(s), score: {model['score_rule']}"
-                      f" at scales {', '.join(f'{v:g}' for v in model.get('score_scales', [1.0]))}"),
+            ("input", f"{model['image_size']} px, {model['channels']} channel(s), aspect {model.get('aspect', 'squeeze')}, "
+                      f"score: {model['score_rule']} at scales {', '.join(f'{v:g}' for v in model.get('score_scales', [1.0]))}"),
             ("test data", report["data"]),
             ("images", f"{report['n_images']} ({report['n_defective']} defective, "
                        f"{report['n_images'] - report['n_defective']} good)"),

@@ -20,7 +20,7 @@ from torch import nn
 from PIL import Image
 
 from .config import ModelConfig
-from .data import array_to_tensor, open_image, pil_to_array
+from .data import array_to_tensor, open_image, pil_to_array, resize_to, short_side_size
 from .errors import GRDNetError
 from .model.generator import Decoder, ResEncoder
 from .model.segmenter import Segmenter
@@ -185,10 +185,12 @@ class BasePredictor:
                 raise GRDNetError(f"{path or 'image'}: ROI is {r.shape[1]}x{r.shape[0]} but the image is "
                                   f"{a.shape[1]}x{a.shape[0]}")
         results: list[Prediction | None] = [None] * len(arrays)
-        whole = [i for i, (a, _) in enumerate(arrays) if not (tile and max(a.shape[:2]) > size)]
+        aspect = self.cfg.aspect
+        whole = [] if aspect == "keep" else [
+            i for i, (a, _) in enumerate(arrays) if not (tile and max(a.shape[:2]) > size)]
         for i in sorted(set(range(len(arrays))) - set(whole)):
             a, path = arrays[i]
-            full, score = self._tiled_map(a, rois[i], batch_size)
+            full, score = self._tiled_map(a, rois[i], batch_size, keep_aspect=aspect == "keep")
             results[i] = self._decide(full, score, thr, path)
         if whole:
             batch = torch.stack([array_to_tensor(arrays[i][0], size) for i in whole])
@@ -206,16 +208,27 @@ class BasePredictor:
                 if rois[i] is not None:
                     full = full * rois[i]
                 results[i] = self._decide(full, float(s), thr, arrays[i][1])
+        if aspect == "both":  # the second view, of every image that is not square (ModelConfig.aspect)
+            for i, (a, path) in enumerate(arrays):
+                if a.shape[0] != a.shape[1]:
+                    full, score = self._tiled_map(a, rois[i], batch_size, keep_aspect=True)
+                    first = results[i]
+                    results[i] = self._decide(np.maximum(first.anomaly_map, full), max(first.score, score), thr, path)
         return results
 
     @staticmethod
     def _decide(full: np.ndarray, score: float, thr: float | None, path: str | None) -> Prediction:
         return Prediction(score, bool(thr is not None and score >= thr), thr, full, path)
 
-    def _tiled_map(self, a: np.ndarray, roi: np.ndarray | None, batch_size: int) -> tuple[np.ndarray, float]:
-        """One large image -> (stitched (H, W) map at its own resolution, image score)."""
+    def _tiled_map(self, a: np.ndarray, roi: np.ndarray | None, batch_size: int,
+                   keep_aspect: bool = False) -> tuple[np.ndarray, float]:
+        """One large image -> (stitched (H, W) map at its own resolution, image score). With
+        `keep_aspect` the image is first resized so that its shorter side is one tile."""
         s = self.cfg.image_size
         img = array_to_tensor(a, None)
+        own_hw = tuple(img.shape[-2:])
+        if keep_aspect:
+            img = resize_to(img, short_side_size(own_hw, s))
         h, w = img.shape[-2:]
         if h < s or w < s:  # a long, thin image: pad the short side up to one tile
             img = F.pad(img[None], (0, max(0, s - w), 0, max(0, s - h)), mode="replicate")[0]
@@ -231,12 +244,17 @@ class BasePredictor:
                 acc[y:y + s, x:x + s] += m[0] * win
                 weight[y:y + s, x:x + s] += win
         full = (acc / weight)[:h, :w].clamp(0, 1)
-        if roi is not None:
-            full = full * torch.from_numpy(roi.astype(np.float32))
-        # Tiles are at native resolution, so one map pixel is one model pixel: the score rule
-        # (kernel in model pixels, or a fraction of pixels) applies to the stitched map as is.
-        # Only the anomaly map is stitched: the coarser views of score_scales are whole-image views.
+        roi_t = None if roi is None else torch.from_numpy(roi.astype(np.float32))[None]
+        if roi_t is not None:
+            full = full * resize_to(roi_t, (h, w), mode="nearest")[0]
+        # One map pixel is one model pixel here: the score rule (kernel in model pixels, or a
+        # fraction of pixels) applies to the stitched map as is. Only the anomaly map is
+        # stitched: the coarser views of score_scales are whole-image views.
         score = float(image_scores(full[None, None], self.cfg)[0])
+        if (h, w) != own_hw:
+            full = resize_to(full[None], own_hw, mode="bilinear")[0]
+            if roi_t is not None:
+                full = full * roi_t[0]
         return full.numpy().astype(np.float32), score
 
 

@@ -608,7 +608,7 @@ def train(data, out, model_cfg: ModelConfig, train_cfg: TrainConfig, *, accelera
         for r, p in zip(rois, train_paths):
             check_roi_size(r, p)
     dataset = ImageDataset(train_paths, model_cfg.channels, model_cfg.image_size, rois=rois,
-                           crop=train_cfg.train_crops)
+                           crop=train_cfg.train_crops, keep_aspect=model_cfg.aspect == "keep")
     datamodule = _TrainData(dataset, train_cfg.batch_size, train_cfg.seed, train_cfg.num_workers)
     textures = None
     if train_cfg.texture_dir:
