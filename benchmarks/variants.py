@@ -90,7 +90,7 @@ def use_mixed_aspect(share: float) -> None:
             item = super().__getitem__(i)  # a random crop of the aspect-kept image
             if float(torch.rand(())) >= share:
                 s = self.size
-                img = self.cache[i][:-1].float() / 255.0
+                img = (self.cache[i] if self.cache is not None else self._decode(i))[:-1].float() / 255.0
                 item = torch.cat([resize_to(img, (s, s)), torch.ones(1, s, s)])
             return item
 

@@ -69,10 +69,8 @@ def array_to_tensor(a: np.ndarray, size: int | None) -> torch.Tensor:
     the image's own size (tiles, crops)."""
     t = torch.from_numpy(np.array(a, copy=True))
     t = t.float() / 255.0 if t.dtype == torch.uint8 else t.float()
-    t = t.permute(2, 0, 1)[None]
-    if size is not None and t.shape[-2:] != (size, size):
-        t = F.interpolate(t, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return t[0].clamp(0, 1)
+    t = t.permute(2, 0, 1).clamp(0, 1)
+    return t if size is None else resize_to(t, (size, size))
 
 
 def load_image(path, channels: int, size: int | None) -> torch.Tensor:
@@ -253,10 +251,8 @@ def load_roi(path, size: int | None, image_path=None) -> torch.Tensor:
     if not mask.any():
         raise GRDNetError(f"{path}: ROI mask is empty (all zero): nothing to learn for "
                           f"{image_path or 'this image'}")
-    t = torch.from_numpy(mask.astype(np.float32))[None, None]
-    if size is None:
-        return t[0]
-    return (F.interpolate(t, size=(size, size), mode="nearest")[0] > 0.5).float()
+    t = torch.from_numpy(mask.astype(np.float32))[None]
+    return t if size is None else resize_to(t, (size, size), mode="nearest")
 
 
 def infer_channels(paths: list[Path], sample: int = 16) -> int:

@@ -197,9 +197,9 @@ class BasePredictor:
             maps, scores = self._run(batch)
             if any(rois[i] is not None for i in whole):
                 ones = torch.ones(1, *maps.shape[-2:])
-                roi_t = torch.stack([ones if rois[i] is None else F.interpolate(
-                    torch.from_numpy(rois[i].astype(np.float32))[None, None], size=maps.shape[-2:],
-                    mode="nearest")[0] for i in whole])
+                roi_t = torch.stack([ones if rois[i] is None else resize_to(
+                    torch.from_numpy(rois[i].astype(np.float32))[None], maps.shape[-2:], mode="nearest")
+                    for i in whole])
                 maps = maps * roi_t.to(maps.device)
                 scores = image_scores(maps, self.cfg)
             scores = scores.float().cpu().numpy()
@@ -244,18 +244,14 @@ class BasePredictor:
                 acc[y:y + s, x:x + s] += m[0] * win
                 weight[y:y + s, x:x + s] += win
         full = (acc / weight)[:h, :w].clamp(0, 1)
-        roi_t = None if roi is None else torch.from_numpy(roi.astype(np.float32))[None]
-        if roi_t is not None:
-            full = full * resize_to(roi_t, (h, w), mode="nearest")[0]
+        if roi is not None:
+            full = full * resize_to(torch.from_numpy(roi.astype(np.float32))[None], (h, w), mode="nearest")[0]
         # One map pixel is one model pixel here: the score rule (kernel in model pixels, or a
         # fraction of pixels) applies to the stitched map as is. Only the anomaly map is
         # stitched: the coarser views of score_scales are whole-image views.
         score = float(image_scores(full[None, None], self.cfg)[0])
-        if (h, w) != own_hw:
-            full = resize_to(full[None], own_hw, mode="bilinear")[0]
-            if roi_t is not None:
-                full = full * roi_t[0]
-        return full.numpy().astype(np.float32), score
+        full = resize_map(full[None], own_hw)  # back to the image's own size, as the whole-image view
+        return (full if roi is None else full * roi), score
 
 
 def tile_starts(length: int, size: int, overlap: float) -> list[int]:
