@@ -23,6 +23,37 @@ def test_network_shapes(preset, channels):
     assert out.shape == (2, 2, s, s)
 
 
+def test_unshuffle_runs_the_networks_at_a_fraction_of_the_input_size():
+    m, _ = build_config("tiny", model={"channels": 1, "image_size": 64, "unshuffle": 2})
+    g, d, seg = Generator(m), Discriminator(m), Segmenter(m)
+    x = torch.rand(2, 1, 64, 64)
+    seen = {}
+    seg.down[0].register_forward_hook(lambda mod, inp, out: seen.update(seg_in=inp[0].shape))
+    g.encoder.stem.register_forward_hook(lambda mod, inp, out: seen.update(enc_in=inp[0].shape))
+    with torch.no_grad():
+        x_hat, z, _ = g(x)
+        out = seg(x_hat, x)
+        _, feat = d(x)
+    # every input pixel reaches the first layer, rearranged into channels at half the size
+    assert seen == {"seg_in": (2, 8, 32, 32), "enc_in": (2, 4, 32, 32)}
+    assert x_hat.shape == x.shape and out.shape == (2, 2, 64, 64)
+    assert z.shape[-1] == m.latent_size == 64 // 2 // 4 and feat.shape[-1] == 8
+    # a single-pixel change is seen (no resizing averages it away)
+    y = x.clone()
+    y[0, 0, 10, 11] += 0.5
+    with torch.no_grad():
+        assert not torch.allclose(g.encoder(x)[0], g.encoder(y)[0])
+
+
+def test_unshuffle_must_divide_the_image_size():
+    from grdnet import GRDNetError
+
+    with pytest.raises(GRDNetError, match="divisible"):
+        build_config("tiny", model={"image_size": 40, "unshuffle": 3})
+    with pytest.raises(GRDNetError, match="unshuffle"):
+        build_config("tiny", model={"unshuffle": 0})
+
+
 def test_paper_preset_bottleneck_is_32x8x8():
     m, _ = build_config("paper")
     assert (m.image_size, m.latent_channels, m.latent_size) == (256, 32, 8)

@@ -47,8 +47,8 @@ class InferenceNet(nn.Module):
 
     @classmethod
     def build(cls, cfg: ModelConfig) -> "InferenceNet":
-        return cls(ResEncoder(cfg.channels, cfg.gen_widths, cfg.latent_channels),
-                   Decoder(cfg.channels, cfg.gen_widths, cfg.latent_channels), Segmenter(cfg),
+        return cls(ResEncoder(cfg.channels, cfg.gen_widths, cfg.latent_channels, cfg.unshuffle),
+                   Decoder(cfg.channels, cfg.gen_widths, cfg.latent_channels, cfg.unshuffle), Segmenter(cfg),
                    cfg.flip_average, cfg.score_sizes)
 
     def anomaly_map(self, x: torch.Tensor) -> torch.Tensor:

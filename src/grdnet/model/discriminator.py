@@ -14,7 +14,7 @@ from .generator import ResEncoder, act
 class Discriminator(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.trunk = ResEncoder(cfg.channels, cfg.disc_widths, latent_channels=None)
+        self.trunk = ResEncoder(cfg.channels, cfg.disc_widths, latent_channels=None, unshuffle=cfg.unshuffle)
         c = self.trunk.out_channels
         self.head = nn.Sequential(nn.BatchNorm2d(c), act(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 1))
 

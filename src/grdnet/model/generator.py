@@ -45,9 +45,10 @@ class ResEncoder(nn.Module):
     """Stem convolution, then one stride-2 stage per width. `latent_channels=None` returns the
     last feature map (the discriminator's trunk); otherwise a 1x1 head maps it to the latent."""
 
-    def __init__(self, channels: int, widths: tuple[int, ...], latent_channels: int | None):
+    def __init__(self, channels: int, widths: tuple[int, ...], latent_channels: int | None, unshuffle: int = 1):
         super().__init__()
-        self.stem = nn.Conv2d(channels, widths[0], 3, 1, 1, bias=False)
+        self.unshuffle = nn.PixelUnshuffle(unshuffle) if unshuffle > 1 else nn.Identity()
+        self.stem = nn.Conv2d(channels * unshuffle ** 2, widths[0], 3, 1, 1, bias=False)
         stages, cin = [], widths[0]
         for w in widths:
             stages += [ResBlock(cin, w, stride=2), ResBlock(w, w)]
@@ -59,14 +60,14 @@ class ResEncoder(nn.Module):
             self.head = nn.Sequential(nn.BatchNorm2d(cin), act(), nn.Conv2d(cin, latent_channels, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.stages(self.stem(x))
+        h = self.stages(self.stem(self.unshuffle(x)))
         return h if self.head is None else self.head(h)
 
 
 class Decoder(nn.Module):
     """Mirror of the encoder: latent -> image in [0, 1]."""
 
-    def __init__(self, channels: int, widths: tuple[int, ...], latent_channels: int):
+    def __init__(self, channels: int, widths: tuple[int, ...], latent_channels: int, unshuffle: int = 1):
         super().__init__()
         self.inp = nn.Conv2d(latent_channels, widths[-1], 1)
         outs = list(reversed(widths[:-1])) + [widths[0]]
@@ -75,7 +76,8 @@ class Decoder(nn.Module):
             stages += [ResBlock(cin, w, up=True), ResBlock(w, w)]
             cin = w
         self.stages = nn.Sequential(*stages)
-        self.out = nn.Sequential(nn.BatchNorm2d(cin), act(), nn.Conv2d(cin, channels, 3, 1, 1))
+        self.out = nn.Sequential(nn.BatchNorm2d(cin), act(), nn.Conv2d(cin, channels * unshuffle ** 2, 3, 1, 1),
+                                 *([nn.PixelShuffle(unshuffle)] if unshuffle > 1 else []))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.out(self.stages(self.inp(z))))
@@ -86,9 +88,9 @@ class Generator(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.encoder = ResEncoder(cfg.channels, cfg.gen_widths, cfg.latent_channels)
-        self.decoder = Decoder(cfg.channels, cfg.gen_widths, cfg.latent_channels)
-        self.encoder2 = ResEncoder(cfg.channels, cfg.gen_widths, cfg.latent_channels)
+        self.encoder = ResEncoder(cfg.channels, cfg.gen_widths, cfg.latent_channels, cfg.unshuffle)
+        self.decoder = Decoder(cfg.channels, cfg.gen_widths, cfg.latent_channels, cfg.unshuffle)
+        self.encoder2 = ResEncoder(cfg.channels, cfg.gen_widths, cfg.latent_channels, cfg.unshuffle)
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """The inference path: the second encoder is only needed for the training loss."""
