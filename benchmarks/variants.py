@@ -5,7 +5,7 @@ option; one that does not stays here, so that the recorded run can be repeated.
 
     python benchmarks/variants.py ../shared/data/magnetic_tile --out /tmp/v/zoom --variant zoom \
         --max-minutes 20 [--config overrides.json]
-    python benchmarks/variants.py ../shared/data/magnetic_tile --evaluate /tmp/run/model
+    python benchmarks/variants.py ../shared/data/magnetic_tile --evaluate /tmp/run/model [--variant noxhat]
 
 Variants (default: none, the preset as it is):
 - `zoom`: half the training images are seen whole (as always), half as a random model-size crop of
@@ -27,6 +27,15 @@ Variants (default: none, the preset as it is):
 - `mixaspect`: a share of the training samples (`--aspect-share`, default half) are random
   model-size crops of the image resized with its aspect ratio kept (shorter side = model size),
   the rest the whole image squeezed as usual: both views that `aspect` "both" scores, in training.
+- `poolgan`: with `ModelConfig.unshuffle` f > 1, only the segmenter pixel-unshuffles its input; the
+  generator and the discriminator see the image average-pooled by f (the GAN at image_size / f, as
+  a model of that size would be) and the generator's output is upsampled back: the GAN of the
+  smaller model, the segmenter with every pixel of the larger one.
+- `noxhat`: the segmenter is shown the input in place of the reconstruction (`(x, x)` instead of
+  `(x_hat, x)`), in training and at inference: does the map lean on a reconstruction that undoes
+  synthetic defects but not real ones?
+- `detach`: the segmenter sees the reconstruction as usual, but its loss does not reach the
+  generator (`x_hat.detach()`): is it the input or the gradient that `noxhat` takes away?
 - `halfplane`: half of the band masks are half-planes instead (the region on one side of a
   straight line, up to half the image): a region of another finish that reaches the part's edge.
 
@@ -234,6 +243,35 @@ def use_half_planes() -> None:
     grdnet.defects.band_masks = masks
 
 
+def use_pooled_gan() -> None:
+    from grdnet.model import generator as gen_module
+    encoder_init, decoder_init = gen_module.ResEncoder.__init__, gen_module.Decoder.__init__
+
+    def encoder(self, channels, widths, latent_channels, unshuffle=1):
+        encoder_init(self, channels, widths, latent_channels, 1)
+        if unshuffle > 1:
+            self.unshuffle = torch.nn.AvgPool2d(unshuffle)
+
+    def decoder(self, channels, widths, latent_channels, unshuffle=1):
+        decoder_init(self, channels, widths, latent_channels, 1)
+        if unshuffle > 1:  # upsample the logits; the decoder's sigmoid follows
+            self.out.append(torch.nn.Upsample(scale_factor=unshuffle, mode="bilinear", align_corners=False))
+
+    gen_module.ResEncoder.__init__, gen_module.Decoder.__init__ = encoder, decoder
+
+
+def use_no_reconstruction() -> None:
+    from grdnet.model import Segmenter
+    forward = Segmenter.forward
+    Segmenter.forward = lambda self, x_hat, x: forward(self, x, x)
+
+
+def use_detached_reconstruction() -> None:
+    from grdnet.model import Segmenter
+    forward = Segmenter.forward
+    Segmenter.forward = lambda self, x_hat, x: forward(self, x_hat.detach(), x)
+
+
 def two_scale_report(model, data) -> dict:
     p = grdnet.load(model)
     if p.cfg.aspect != "squeeze":  # its map is not one square view: only `grdnet test`'s own figures
@@ -280,7 +318,7 @@ def main():
     ap.add_argument("--out")
     ap.add_argument("--variant", default="none",
                     choices=["none", "zoom", "selfscale", "jitter", "blur", "strokeblur", "halfplane", "grain",
-                             "selfshade", "mixaspect"])
+                             "selfshade", "mixaspect", "poolgan", "noxhat", "detach"])
     ap.add_argument("--preset", default="cpu")
     ap.add_argument("--max-minutes", type=float, default=20)
     ap.add_argument("--config", help="JSON file with model/train overrides")
@@ -293,17 +331,19 @@ def main():
     ap.add_argument("--aspect-share", type=float, default=0.5)
     ap.add_argument("--evaluate", metavar="MODEL", help="only evaluate this model")
     a = ap.parse_args()
+    # also with --evaluate: `poolgan` and `noxhat` change the networks the saved model is rebuilt into
+    {"none": lambda: None, "zoom": use_zoom, "selfscale": use_selfscale, "jitter": use_jitter,
+     "blur": lambda: use_blur(a.blur_share, tuple(a.blur_sigma)),
+     "strokeblur": lambda: use_stroke_blur(a.blur_share, tuple(a.blur_sigma)),
+     "halfplane": use_half_planes,
+     "grain": lambda: use_grain(a.grain_share, tuple(a.grain_gain)),
+     "selfshade": lambda: use_self_shade(a.self_log_gain),
+     "mixaspect": lambda: use_mixed_aspect(a.aspect_share), "poolgan": use_pooled_gan,
+     "noxhat": use_no_reconstruction, "detach": use_detached_reconstruction}[a.variant]()
     model = a.evaluate
     if model is None:
         if not a.out:
             ap.error("--out is needed to train")
-        {"none": lambda: None, "zoom": use_zoom, "selfscale": use_selfscale, "jitter": use_jitter,
-         "blur": lambda: use_blur(a.blur_share, tuple(a.blur_sigma)),
-         "strokeblur": lambda: use_stroke_blur(a.blur_share, tuple(a.blur_sigma)),
-         "halfplane": use_half_planes,
-         "grain": lambda: use_grain(a.grain_share, tuple(a.grain_gain)),
-         "selfshade": lambda: use_self_shade(a.self_log_gain),
-         "mixaspect": lambda: use_mixed_aspect(a.aspect_share)}[a.variant]()
         t0 = time.time()
         model = grdnet.train(a.data, a.out, preset=a.preset, max_minutes=a.max_minutes,
                              model=file_section(a.config, "model"),

@@ -671,6 +671,7 @@ def train(data, out, model_cfg: ModelConfig, train_cfg: TrainConfig, *, accelera
         "training": {"data": str(Path(data).resolve()), "n_train": len(train_paths), "n_val": len(val_paths),
                      "epochs": trainer.current_epoch, "steps": trainer.global_step,
                      "batches": module.batches_trained, "minutes": round(timer.time_elapsed("train") / 60, 2),
+                     "seconds": round(timer.time_elapsed("train"), 3),
                      "world_size": trainer.world_size, "precision": precision,
                      "train_config": to_dict(train_cfg), "grdnet": __version__,
                      "roi": {"source": str(roi) if roi else None, "mode": train_cfg.roi_mode},
