@@ -17,9 +17,11 @@ import numpy as np
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
+from grdnet.data import load_image, test_samples, train_images
+
 
 def grey(path: Path) -> np.ndarray:
-    return np.asarray(Image.open(path).convert("L"), np.float32) / 255
+    return load_image(path, 1, None)[0].numpy()
 
 
 def energy(a: np.ndarray) -> np.ndarray:
@@ -29,9 +31,8 @@ def energy(a: np.ndarray) -> np.ndarray:
 
 def main():
     src, dst = Path(sys.argv[1]), Path(sys.argv[2])
-    images = sorted(p for p in src.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp")
-                    and "ground_truth" not in p.relative_to(src).parts)
-    train = [p for p in images if p.relative_to(src).parts[0] == "train"]
+    train = train_images(src)
+    images = train + [t.path for t in test_samples(src)]
     scale = np.percentile(np.concatenate([energy(grey(p)).ravel()[::97] for p in train[::4]]), 99.5)
     for p in images:
         a = grey(p)

@@ -260,16 +260,14 @@ def use_pooled_gan() -> None:
     gen_module.ResEncoder.__init__, gen_module.Decoder.__init__ = encoder, decoder
 
 
-def use_no_reconstruction() -> None:
+def use_segmenter_input(variant: str) -> None:
+    """`noxhat`: the input in place of the reconstruction; `detach`: the reconstruction, no gradient."""
     from grdnet.model import Segmenter
     forward = Segmenter.forward
-    Segmenter.forward = lambda self, x_hat, x: forward(self, x, x)
-
-
-def use_detached_reconstruction() -> None:
-    from grdnet.model import Segmenter
-    forward = Segmenter.forward
-    Segmenter.forward = lambda self, x_hat, x: forward(self, x_hat.detach(), x)
+    if variant == "noxhat":
+        Segmenter.forward = lambda self, x_hat, x: forward(self, x, x)
+    else:
+        Segmenter.forward = lambda self, x_hat, x: forward(self, x_hat.detach(), x)
 
 
 def two_scale_report(model, data) -> dict:
@@ -339,7 +337,7 @@ def main():
      "grain": lambda: use_grain(a.grain_share, tuple(a.grain_gain)),
      "selfshade": lambda: use_self_shade(a.self_log_gain),
      "mixaspect": lambda: use_mixed_aspect(a.aspect_share), "poolgan": use_pooled_gan,
-     "noxhat": use_no_reconstruction, "detach": use_detached_reconstruction}[a.variant]()
+     "noxhat": lambda: use_segmenter_input("noxhat"), "detach": lambda: use_segmenter_input("detach")}[a.variant]()
     model = a.evaluate
     if model is None:
         if not a.out:

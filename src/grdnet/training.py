@@ -666,12 +666,13 @@ def train(data, out, model_cfg: ModelConfig, train_cfg: TrainConfig, *, accelera
     if not val_paths:
         log.warning("too few training images to hold out a validation split: threshold calibrated on "
                     "training images (expect more false alarms)")
+    seconds = timer.time_elapsed("train")
     meta = {
         **cal,
         "training": {"data": str(Path(data).resolve()), "n_train": len(train_paths), "n_val": len(val_paths),
                      "epochs": trainer.current_epoch, "steps": trainer.global_step,
-                     "batches": module.batches_trained, "minutes": round(timer.time_elapsed("train") / 60, 2),
-                     "seconds": round(timer.time_elapsed("train"), 3),
+                     "batches": module.batches_trained, "minutes": round(seconds / 60, 2),
+                     "seconds": round(seconds, 3),
                      "world_size": trainer.world_size, "precision": precision,
                      "train_config": to_dict(train_cfg), "grdnet": __version__,
                      "roi": {"source": str(roi) if roi else None, "mode": train_cfg.roi_mode},
