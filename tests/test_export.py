@@ -50,15 +50,17 @@ def _images(size, seed):
 
 @pytest.fixture(scope="module", params=[(3, 32, "max_pool", False), (1, 32, "max_pool", True),
                                         (3, 64, "topk_mean", False), (1, 64, "max_pool", False)],
-                ids=["rgb32", "gray32-flips-scales", "rgb64-topk", "gray64-unshuffle2"])
+                ids=["rgb32", "gray32-flips-scales", "rgb64-topk-nogan", "gray64-unshuffle2"])
 def exported(request, tmp_path_factory):
     channels, size, rule, flips = request.param
     # one case with the coarser score views too: their channels go through the graph and the ROI path
     scales = (1.0, 0.75, 0.5) if flips else (1.0,)
     # and one whose networks run at half the input size on pixel-unshuffled input
     unshuffle = 2 if (channels, size) == (1, 64) else 1
+    # and one with the segmenter alone (`ModelConfig.gan` False)
+    gan = (channels, size) != (3, 64)
     cfg, _ = build_config("tiny", model=dict(channels=channels, image_size=size, score_rule=rule, flip_average=flips,
-                                             score_scales=scales, unshuffle=unshuffle))
+                                             score_scales=scales, unshuffle=unshuffle, gan=gan))
     net = _random_net(cfg, seed=channels * 1000 + size)
     images = _images(size, seed=size + channels)
     scores = np.sort([p.score for p in Predictor(net, cfg).predict(images)])

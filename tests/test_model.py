@@ -9,18 +9,20 @@ from grdnet.scoring import InferenceNet
 @pytest.mark.parametrize("preset", list(PRESETS))
 @pytest.mark.parametrize("channels", [1, 3])
 def test_network_shapes(preset, channels):
-    m, _ = build_config(preset, model={"channels": channels})
+    m, _ = build_config(preset, model={"channels": channels, "gan": True})
     s = m.image_size
     x = torch.rand(2, channels, s, s)
     g, d, seg = Generator(m), Discriminator(m), Segmenter(m)
+    alone = Segmenter(build_config(preset, model={"channels": channels, "gan": False})[0])
     with torch.no_grad():
         x_hat, z, z_hat = g(x)
         logit, feat = d(x)
         out = seg(x_hat, x)
+        out_alone = alone(None, x)  # without the GAN: the image alone
     assert x_hat.shape == x.shape and 0 <= x_hat.min() and x_hat.max() <= 1
     assert z.shape == (2, m.latent_channels, m.latent_size, m.latent_size) == z_hat.shape
     assert logit.shape == (2,) and feat.shape[0] == 2 and feat.shape[1] == m.disc_widths[-1]
-    assert out.shape == (2, 2, s, s)
+    assert out.shape == (2, 2, s, s) == out_alone.shape
 
 
 def test_unshuffle_runs_the_networks_at_a_fraction_of_the_input_size():

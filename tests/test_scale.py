@@ -189,6 +189,19 @@ def test_weight_average_is_saved_and_survives_resume(tiny_dataset, tmp_path):
     assert not _same(_weights(run("plain", 2, train={**ema, "ema_decay": None})), straight)
 
 
+def test_model_without_gan_resumes_exactly(tiny_dataset, tmp_path):
+    # one optimizer and one schedule instead of two: a resumed run must still continue exactly
+    def run(name, epochs, resume=False):
+        return grdnet.train(tiny_dataset, tmp_path / name, preset="tiny", model={"gan": False}, epochs=epochs,
+                            deterministic=True, train={"checkpoint_every_n_steps": 2, "seed": 3}, resume=resume,
+                            progress=False)
+
+    straight = _weights(run("straight", 2))
+    assert all(k.startswith("segmenter.") for k in straight)
+    run("split", 1)
+    assert _same(_weights(run("split", 2, resume=True)), straight)
+
+
 def test_same_seed_deterministic_runs_give_identical_weights(tiny_dataset, tmp_path):
     def run(name, seed):
         return _weights(grdnet.train(tiny_dataset, tmp_path / name, preset="tiny", epochs=2, deterministic=True,

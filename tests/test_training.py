@@ -81,3 +81,29 @@ def test_segmenter_learning_rate_is_its_own():
     assert d_opt.param_groups[0]["lr"] == 1e-4
     m, t = build_config("tiny", train={"lr": 2e-4})
     assert {g["lr"] for g in GRDNetModule(m, t).configure_optimizers()[0][0].param_groups} == {2e-4}
+
+
+def test_model_without_gan_trains_the_segmenter_alone(tiny_dataset, tmp_path):
+    from safetensors.torch import load_file
+
+    m, t = build_config("tiny", model={"gan": False}, train={"seg_lr": 1e-3})
+    mod = GRDNetModule(m, t)
+    assert mod.generator is None and mod.discriminator is None
+    (opt,), (sched,) = mod.configure_optimizers()
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in mod.segmenter.parameters()}
+    assert opt.param_groups[0]["lr"] == 1e-3
+    # the segmenter sees the image alone: C input channels, not the (reconstruction, image) pair
+    assert mod.segmenter.down[0][0].in_channels == m.channels
+
+    run = tmp_path / "run"
+    model_dir = grdnet.train(tiny_dataset, run, preset="tiny", model={"gan": False}, epochs=3, progress=False,
+                             train={"log_every_n_steps": 1})
+    rows = [r for r in csv.DictReader(open(run / "logs" / "metrics.csv")) if r.get("l_seg")]
+    assert len(rows) >= 3 and all(np.isfinite(float(r["l_seg"])) for r in rows)
+    assert not any(r.get("l_con") or r.get("l_disc") for r in rows)
+    weights = load_file(str(model_dir / "weights.safetensors"))
+    assert weights and all(k.startswith("segmenter.") for k in weights)
+    p = grdnet.load(model_dir)
+    assert p.cfg.gan is False and p.net.encoder is None
+    r = p.predict(str(next((tiny_dataset / "test" / "hole").iterdir())))
+    assert r.anomaly_map.shape == (40, 48) and 0 <= r.score <= 1

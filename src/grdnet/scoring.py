@@ -32,14 +32,15 @@ class InferenceNet(nn.Module):
     """x (B, C, S, S) in [0, 1] -> anomaly probability maps (B, 1 + len(score_sizes), S, S).
 
     Holds (and shares, when built from a training run) the generator's first encoder and
-    decoder and the segmenter: the networks inference needs. Channel 0 is the anomaly map of x;
+    decoder and the segmenter: the networks inference needs (the segmenter alone, encoder and
+    decoder None, for a model without the GAN). Channel 0 is the anomaly map of x;
     each further channel is the map of x downscaled to one of `score_sizes`, resized back to S,
     used only for the image score (`ModelConfig.score_scales`). With `flip_average`, each map is
     the mean of the maps of the view and its three flips, each flipped back
     (`ModelConfig.flip_average`).
     """
 
-    def __init__(self, encoder: nn.Module, decoder: nn.Module, segmenter: nn.Module,
+    def __init__(self, encoder: nn.Module | None, decoder: nn.Module | None, segmenter: nn.Module,
                  flip_average: bool = False, score_sizes: tuple[int, ...] = ()):
         super().__init__()
         self.encoder, self.decoder, self.segmenter = encoder, decoder, segmenter
@@ -47,13 +48,15 @@ class InferenceNet(nn.Module):
 
     @classmethod
     def build(cls, cfg: ModelConfig) -> "InferenceNet":
+        if not cfg.gan:
+            return cls(None, None, Segmenter(cfg), cfg.flip_average, cfg.score_sizes)
         return cls(ResEncoder(cfg.channels, cfg.gen_widths, cfg.latent_channels, cfg.unshuffle),
                    Decoder(cfg.channels, cfg.gen_widths, cfg.latent_channels, cfg.unshuffle), Segmenter(cfg),
                    cfg.flip_average, cfg.score_sizes)
 
     def anomaly_map(self, x: torch.Tensor) -> torch.Tensor:
         """The map of x alone (B, 1, S, S), without flip averaging."""
-        x_hat = self.decoder(self.encoder(x))
+        x_hat = None if self.encoder is None else self.decoder(self.encoder(x))
         return torch.softmax(self.segmenter(x_hat, x), dim=1)[:, 1:2]
 
     def view_map(self, x: torch.Tensor) -> torch.Tensor:
@@ -318,7 +321,7 @@ def cpu_inference_net(net: InferenceNet) -> nn.Module:
     # Each network is folded on its own: traced as a whole, a network called once per score
     # scale would have its batch norms folded into the same convolution once per call.
     try:
-        parts = [fuse(m) for m in (net.encoder, net.decoder, net.segmenter)]
+        parts = [None if m is None else fuse(m) for m in (net.encoder, net.decoder, net.segmenter)]
     except Exception:  # tracing fails on data-dependent control flow: keep the plain network
         return net
     return InferenceNet(*parts, net.flip_average, net.score_sizes).to(memory_format=torch.channels_last)

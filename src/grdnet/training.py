@@ -1,7 +1,8 @@
 """Training: one Lightning module holds the GAN + segmentation logic; `train()` runs it.
 
 Each step: augment the good batch (the ROI channel moves with the image), paint synthetic
-defects, update generator + segmenter on `L_tot = L_gan + FL`, then the discriminator on BCE.
+defects, update generator + segmenter on `L_tot = L_gan + FL`, then the discriminator on BCE
+(a model without the GAN, `ModelConfig.gan` False: the segmenter alone on FL).
 
 Scale and faults are Lightning's business: DDP over processes, GPUs and machines, mixed precision,
 loggers, and checkpoints that `train(..., resume=True)` continues from. What we add: every random
@@ -60,14 +61,15 @@ def _plain(cfg) -> dict:
 
 
 class GRDNetModule(L.LightningModule):
-    """Generator G, discriminator C and segmenter Delta, trained jointly (manual optimisation)."""
+    """Generator G, discriminator C and segmenter Delta, trained jointly (manual optimisation);
+    Delta alone when `ModelConfig.gan` is False."""
 
     def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, textures: torch.Tensor | None = None):
         super().__init__()
         self.automatic_optimization = False
         self.model_cfg, self.train_cfg = model_cfg, train_cfg
-        self.generator = Generator(model_cfg)
-        self.discriminator = Discriminator(model_cfg)
+        self.generator = Generator(model_cfg) if model_cfg.gan else None
+        self.discriminator = Discriminator(model_cfg) if model_cfg.gan else None
         self.segmenter = Segmenter(model_cfg)
         self.defects = DefectSynthesizer(train_cfg, textures)
         t = train_cfg
@@ -81,18 +83,26 @@ class GRDNetModule(L.LightningModule):
         self.batches_trained = 0
 
     def inference_net(self) -> InferenceNet:
-        return InferenceNet(self.generator.encoder, self.generator.decoder, self.segmenter,
+        g = self.generator
+        return InferenceNet(None if g is None else g.encoder, None if g is None else g.decoder, self.segmenter,
                             self.model_cfg.flip_average, self.model_cfg.score_sizes)
 
     def configure_optimizers(self):
         t = self.train_cfg
-        g_opt = torch.optim.Adam([{"params": self.generator.parameters()},
-                                  {"params": self.segmenter.parameters(), "lr": t.seg_lr or t.lr}],
-                                 lr=t.lr, betas=t.betas)
-        d_opt = torch.optim.Adam(self.discriminator.parameters(), lr=t.lr, betas=t.betas)
+        seg = {"params": self.segmenter.parameters(), "lr": t.seg_lr or t.lr}
+        if self.generator is None:
+            opts = [torch.optim.Adam([seg], lr=t.lr, betas=t.betas)]
+        else:
+            opts = [torch.optim.Adam([{"params": self.generator.parameters()}, seg], lr=t.lr, betas=t.betas),
+                    torch.optim.Adam(self.discriminator.parameters(), lr=t.lr, betas=t.betas)]
         sched = [torch.optim.lr_scheduler.ReduceLROnPlateau(o, mode="min", factor=t.plateau_factor,
-                                                           patience=t.plateau_patience) for o in (g_opt, d_opt)]
-        return [g_opt, d_opt], sched
+                                                           patience=t.plateau_patience) for o in opts]
+        return opts, sched
+
+    @staticmethod
+    def _all(found) -> list:
+        # Lightning hands back a lone optimizer or scheduler unwrapped, two or more as a list.
+        return found if isinstance(found, list) else [found]
 
     def _step_seed(self, batch_idx: int, stream: int) -> int:
         """Seed of one random stream of one step: a hash of (seed, rank, epoch, batch, stream)."""
@@ -120,17 +130,22 @@ class GRDNetModule(L.LightningModule):
                 batch = self._augment(batch, batch_idx)
             x, roi = batch[:, :c].clamp(0, 1), (batch[:, c:] > 0.5).float()
             defects = self.defects(x, self._defect_generator(batch_idx))
-        g_opt, d_opt = self.optimizers()
+        opts = self._all(self.optimizers())
+        g_opt = opts[0]
 
         # Generator + segmenter: reconstruct the clean image from the defaced one, locate the defect.
         self.toggle_optimizer(g_opt)
-        x_hat, z, z_hat = self.generator(defects.image)
-        _, feat_real = self.discriminator(x)
-        _, feat_fake = self.discriminator(x_hat)
-        l_adv = adversarial_loss(feat_real.detach(), feat_fake)
-        l_con = contextual_loss(x, x_hat, t)
-        l_enc = latent_loss(z, z_hat)
-        l_gan = t.w_adv * l_adv + t.w_con * l_con + t.w_enc * l_enc
+        if self.generator is None:  # the segmenter alone, on the defaced image alone
+            x_hat, losses, l_gan = None, {}, 0.0
+        else:
+            x_hat, z, z_hat = self.generator(defects.image)
+            _, feat_real = self.discriminator(x)
+            _, feat_fake = self.discriminator(x_hat)
+            l_adv = adversarial_loss(feat_real.detach(), feat_fake)
+            l_con = contextual_loss(x, x_hat, t)
+            l_enc = latent_loss(z, z_hat)
+            l_gan = t.w_adv * l_adv + t.w_con * l_con + t.w_enc * l_enc
+            losses = {"l_adv": l_adv, "l_con": l_con, "l_enc": l_enc, "l_gan": l_gan}
         seg_logits = self.segmenter(x_hat, defects.image)
         l_seg = segmentation_loss(seg_logits, defects.mask, roi, t)
         total = l_gan + t.w_seg * l_seg
@@ -139,21 +154,22 @@ class GRDNetModule(L.LightningModule):
         g_opt.step()
         self.untoggle_optimizer(g_opt)
 
-        # Discriminator: real X -> 1, reconstruction -> 0.
-        self.toggle_optimizer(d_opt)
-        logit_real, _ = self.discriminator(x)
-        logit_fake, _ = self.discriminator(x_hat.detach())
-        l_disc = discriminator_loss(logit_real, logit_fake)
-        d_opt.zero_grad(set_to_none=True)
-        self.manual_backward(l_disc)
-        d_opt.step()
-        self.untoggle_optimizer(d_opt)
+        if self.discriminator is not None:  # Discriminator: real X -> 1, reconstruction -> 0.
+            d_opt = opts[1]
+            self.toggle_optimizer(d_opt)
+            logit_real, _ = self.discriminator(x)
+            logit_fake, _ = self.discriminator(x_hat.detach())
+            losses["l_disc"] = discriminator_loss(logit_real, logit_fake)
+            d_opt.zero_grad(set_to_none=True)
+            self.manual_backward(losses["l_disc"])
+            d_opt.step()
+            self.untoggle_optimizer(d_opt)
 
-        losses = {"loss": total, "l_adv": l_adv, "l_con": l_con, "l_enc": l_enc, "l_gan": l_gan,
-                  "l_seg": l_seg, "l_disc": l_disc}
+        losses.update(loss=total, l_seg=l_seg)
         self.log_dict({k: v.detach() for k, v in losses.items()}, prog_bar=False, on_step=True, sync_dist=False)
         self.log("seg", l_seg.detach(), prog_bar=True)
-        self.log("con", l_con.detach(), prog_bar=True)
+        if "l_con" in losses:
+            self.log("con", l_con.detach(), prog_bar=True)
         self._loss_sum = self._loss_sum.to(total.device) + total.detach().float()
         self._loss_count += 1
         self._loss_epoch = self.current_epoch
@@ -174,9 +190,10 @@ class GRDNetModule(L.LightningModule):
         mean = self.all_gather(mean).mean() if self.trainer.world_size > 1 else mean
         self._loss_sum, self._loss_count = torch.zeros((), device=mean.device), 0
         self.log("epoch_loss", mean, on_step=False, on_epoch=True, sync_dist=True)  # equal on all ranks
-        for sched in self.lr_schedulers():
+        for sched in self._all(self.lr_schedulers()):
             sched.step(mean)
-        self.log("lr", self.optimizers()[0].param_groups[0]["lr"], on_step=False, on_epoch=True, sync_dist=True)
+        self.log("lr", self._all(self.optimizers())[0].param_groups[0]["lr"], on_step=False, on_epoch=True,
+                 sync_dist=True)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Runs on every rank (saving is collective); only rank 0 writes the file.

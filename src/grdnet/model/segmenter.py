@@ -1,4 +1,5 @@
-"""Segmentation network Delta: DRAEM's discriminative U-Net on the concatenation (x_hat, x).
+"""Segmentation network Delta: DRAEM's discriminative U-Net on the concatenation (x_hat, x), or on
+x alone in a model without the GAN (`ModelConfig.gan` False).
 
 Each level is two conv-BN-ReLU layers; max-pooling down, bilinear upsampling + conv up, skip
 connections by concatenation; two output channels (softmax; channel 1 = anomaly).
@@ -37,14 +38,15 @@ class Segmenter(nn.Module):
         super().__init__()
         w, f = cfg.seg_widths, cfg.unshuffle
         self.unshuffle = nn.PixelUnshuffle(f) if f > 1 else nn.Identity()
-        self.down = nn.ModuleList([double_conv(2 * cfg.channels * f * f, w[0])] +
+        self.down = nn.ModuleList([double_conv((2 if cfg.gan else 1) * cfg.channels * f * f, w[0])] +
                                   [double_conv(w[i - 1], w[i]) for i in range(1, len(w))])
         self.up = nn.ModuleList([Up(w[i], w[i - 1], w[i - 1]) for i in range(len(w) - 1, 0, -1)])
         self.out = nn.Conv2d(w[0], 2, 3, 1, 1)
 
-    def forward(self, x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Logits (B, 2, H, W); softmax channel 1 is the anomaly probability."""
-        h, skips = self.unshuffle(torch.cat([x_hat, x], dim=1)), []
+    def forward(self, x_hat: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+        """Logits (B, 2, H, W); softmax channel 1 is the anomaly probability. `x_hat` is None
+        for a model without the GAN."""
+        h, skips = self.unshuffle(x if x_hat is None else torch.cat([x_hat, x], dim=1)), []
         for i, block in enumerate(self.down):
             h = block(h if i == 0 else F.max_pool2d(h, 2))
             skips.append(h)
