@@ -69,6 +69,8 @@ def maps(net, cfg, paths, size: int) -> tuple[torch.Tensor, torch.Tensor]:
 def main():
     model, data = sys.argv[1], sys.argv[2]
     net, cfg, _ = load_model(model)
+    if not cfg.gan:
+        raise SystemExit(f"{model}: a model without the GAN has no reconstruction to compare its map with")
     samples = test_samples(data)
     masks = [load_mask(t.mask_path) if t.mask_path else None for t in samples]
     shapes = [m.shape if m is not None else tuple(load_image(t.path, 1, None).shape[-2:])
