@@ -36,9 +36,10 @@ Variants (default: none, the preset as it is):
   synthetic defects but not real ones?
 - `detach`: the segmenter sees the reconstruction as usual, but its loss does not reach the
   generator (`x_hat.detach()`): is it the input or the gradient that `noxhat` takes away?
-- `segonly`: `noxhat` without the GAN's cost: only the segmenter trains (on `(x, x)`); the
-  generator and the discriminator are never run or stepped, so their steps go to the segmenter
-  (about 2.6x the epochs of the `cpu` preset). The saved model keeps an untrained generator.
+- `segonly`: `noxhat` without the GAN's cost, as run 78 did it: the package's model without the GAN
+  (`ModelConfig.gan` False, forced by this variant), but its segmenter shown `(x, x)` with 2C input
+  channels, as a GAN model's segmenter is, instead of `x` alone. (Run 78's code built the unused
+  GAN networks first, so its initial segmenter weights were other draws of the same seed.)
 - `halfplane`: half of the band masks are half-planes instead (the region on one side of a
   straight line, up to half the image): a region of another finish that reaches the part's edge.
 
@@ -50,6 +51,7 @@ rule on the map pooled back to model resolution).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import time
@@ -274,31 +276,11 @@ def use_segmenter_input(variant: str) -> None:
 
 
 def use_segmenter_only() -> None:
+    """With `ModelConfig.gan` False: the segmenter built and fed as a GAN model's, on `(x, x)`."""
+    from grdnet.model import Segmenter
+    init = Segmenter.__init__
+    Segmenter.__init__ = lambda self, cfg: init(self, dataclasses.replace(cfg, gan=True))
     use_segmenter_input("noxhat")
-    from grdnet.losses import segmentation_loss
-
-    def training_step(self, batch, batch_idx):
-        t, c = self.train_cfg, self.model_cfg.channels
-        with torch.no_grad():
-            if len(self.augment):
-                batch = self._augment(batch, batch_idx)
-            x, roi = batch[:, :c].clamp(0, 1), (batch[:, c:] > 0.5).float()
-            defects = self.defects(x, self._defect_generator(batch_idx))
-        g_opt, _ = self.optimizers()
-        l_seg = segmentation_loss(self.segmenter(defects.image, defects.image), defects.mask, roi, t)
-        g_opt.zero_grad(set_to_none=True)
-        self.manual_backward(l_seg)
-        g_opt.step()
-        self.log("seg", l_seg.detach(), prog_bar=True)
-        self._loss_sum = self._loss_sum.to(l_seg.device) + l_seg.detach().float()
-        self._loss_count += 1
-        self._loss_epoch = self.current_epoch
-        self.batches_trained += 1
-        if batch_idx + 1 == self.trainer.num_training_batches:
-            self._end_epoch()
-        return l_seg.detach()
-
-    grdnet.training.GRDNetModule.training_step = training_step
 
 
 def two_scale_report(model, data) -> dict:
@@ -376,7 +358,7 @@ def main():
             ap.error("--out is needed to train")
         t0 = time.time()
         model = grdnet.train(a.data, a.out, preset=a.preset, max_minutes=a.max_minutes,
-                             model=file_section(a.config, "model"),
+                             model={**file_section(a.config, "model"), **({"gan": False} if a.variant == "segonly" else {})},
                              train={**file_section(a.config, "train"), "seed": a.seed}, progress=False)
         info = json.loads((model / "config.json").read_text())["training"]
         print(json.dumps({"variant": a.variant, "minutes": round((time.time() - t0) / 60, 1),
