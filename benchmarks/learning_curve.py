@@ -36,7 +36,7 @@ class Snapshots(L.Callback):
             # with `ema_decay`, snapshot the weight average: that is what a run stopped here would save
             averaging = [c for c in trainer.callbacks if isinstance(c, WeightAveraging)]
             net = averaging[0]._average_model.module if averaging else module
-            save_model(folder, net.inference_net(), module.model_cfg,
+            save_model(folder, net.net, module.model_cfg,
                        {"threshold": None, "training": {"minutes": elapsed / 60, "steps": trainer.global_step,
                                                    "train_config": {"train_crops": module.train_cfg.train_crops}}})
             self.saved.append((elapsed / 60, trainer.global_step, folder))

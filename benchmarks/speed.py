@@ -3,6 +3,7 @@
     PYTHONPATH=src python benchmarks/speed.py                 # everything (long on a CPU)
     PYTHONPATH=src python benchmarks/speed.py --quick         # smaller sizes, fewer repeats
     PYTHONPATH=src python benchmarks/speed.py --only inference,tiling --presets cpu
+    python benchmarks/speed.py --table speed.jsonl            # a saved run as Markdown tables
 
 Parts (each measured in its own subprocess so that peak memory is per measurement):
   matmul     the machine's limit: fp32 FLOP/s of a large matrix product on all cores (first and
@@ -17,6 +18,8 @@ Parts (each measured in its own subprocess so that peak memory is per measuremen
 The last line ("kind": "summary") sets the ratios against the targets side by side.
 `--profile` adds the top operators (torch.profiler; ONNX Runtime's own profiler) per part.
 `--device cuda --precision bf16-mixed` measures on a GPU (see benchmarks/gpu.sh).
+`--table FILE.jsonl` measures nothing: it prints a saved run's JSON lines as Markdown tables
+(for docs/PERFORMANCE.md).
 """
 from __future__ import annotations
 
@@ -125,7 +128,8 @@ def part_train(a, preset: str):
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from grdnet.training import GRDNetModule, resolve_precision, use_cpu_layout
+    from grdnet.engine import resolve_precision, use_cpu_layout
+    from grdnet.training import GRDNetModule
 
     m, t = _model_cfgs(preset, a.train_batch or (2 if a.quick and preset == "paper" else None))
     accelerator = "cpu" if a.device == "cpu" else "gpu"
@@ -248,11 +252,11 @@ def _inference_model(a, preset: str, folder: Path, onnx: bool):
     import torch
 
     from grdnet.modelfile import save_model
-    from grdnet.scoring import InferenceNet
+    from grdnet.model import GRDNet
 
     m, _ = _model_cfgs(preset, None, a.model)
     torch.manual_seed(0)
-    model_dir = save_model(folder / f"model-{preset}", InferenceNet.build(m), m, {"threshold": 0.5})
+    model_dir = save_model(folder / f"model-{preset}", GRDNet(m), m, {"threshold": 0.5})
     onnx_file = None
     if onnx:
         from grdnet.export import export_onnx
@@ -367,19 +371,17 @@ def part_variants(a, preset: str):
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, onnx_file, m = _inference_model(a, preset, Path(tmp), onnx=not a.no_onnx)
-        import grdnet
+        from grdnet.modelfile import load_model
+        from grdnet.scoring import cpu_inference_net
 
-        base = grdnet.Predictor.load(model_dir).net
+        base = load_model(model_dir)[0]
         s, c = m.image_size, m.channels
         for b in (1, a.infer_batch):
             x = torch.rand(b, c, s, s)
             xcl = x.contiguous(memory_format=torch.channels_last)
-            from torch.fx.experimental.optimization import fuse
-
             nets = {"eager": (base, x),
                     "channels_last": (copy.deepcopy(base).to(memory_format=torch.channels_last), xcl),
-                    "fuse_conv_bn": (fuse(copy.deepcopy(base)), x),
-                    "channels_last+fuse_conv_bn": (fuse(copy.deepcopy(base)).to(memory_format=torch.channels_last), xcl)}
+                    "channels_last+fold_batch_norms": (cpu_inference_net(base), xcl)}  # what Predictor runs
             if not a.no_compile:
                 for name, freeze in (("compile", False), ("compile_freezing", True)):
                     import torch._inductor.config as inductor_config
@@ -413,6 +415,73 @@ def part_variants(a, preset: str):
             for k, ts in times.items():
                 emit("variant", preset=preset, variant=k, batch=b, images_per_s=b / statistics.median(ts),
                      best_images_per_s=b / min(ts), speedup_vs_eager=ref / statistics.median(ts))
+
+
+# ---------------------------------------------------------------------------------------------- tables
+
+
+def fmt(v):
+    """Readable number: 3 significant digits, SI suffix for large values."""
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return "yes" if v else "**no**"
+    if isinstance(v, (int, float)):
+        for div, suffix in ((1e12, " T"), (1e9, " G"), (1e6, " M")):
+            if abs(v) >= div:
+                return f"{v / div:.3g}{suffix}"
+        return f"{v:.0f}" if abs(v) >= 100 else f"{v:.3g}"
+    return str(v)
+
+
+def table(rows, cols):
+    out = ["| " + " | ".join(h for h, _ in cols) + " |", "|" + "---|" * len(cols)]
+    out += ["| " + " | ".join(fmt(r.get(k)) if not callable(k) else fmt(k(r)) for _, k in cols) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def print_tables(path):
+    recs = [json.loads(line) for line in open(path) if line.startswith("{")]
+    kind = lambda k: [r for r in recs if r["kind"] == k]  # noqa: E731
+    m = kind("machine")[0]
+    end = (kind("machine_end") or [{}])[0]
+    print(f"Run {m['date']} on `{m['host']}`: {m['cpu']}, {m['cpus']} CPUs, torch {m['torch']} "
+          f"({m['torch_threads']} threads), onnxruntime {m.get('onnxruntime', '–')}, OMP_WAIT_POLICY "
+          f"{m.get('omp_wait_policy', 'default')}; load average {m['loadavg'][0]:.1f} at the start, "
+          f"{end.get('loadavg', [float('nan')])[0]:.1f} at the end.\n\nCommand: `{m['command']}`\n")
+    s = (kind("summary") or [{}])[0]
+    targets = [dict(name=k, **v) for k, v in s.items() if isinstance(v, dict)]
+    if targets:
+        print(f"Machine limit (best fp32 matmul of the run): {fmt(s.get('matmul_flops_per_s'))}FLOP/s\n")
+        print(table(targets, [("ratio", "name"), ("measured", "value"), ("target", "target"), ("met", "met")]) + "\n")
+    if kind("matmul"):
+        print(table(kind("matmul"), [("matmul n", "n"), ("dtype", "dtype"), ("threads", "threads"),
+                                     ("FLOP/s", "flops_per_s")]) + "\n")
+    if kind("train"):
+        print(table(kind("train"), [("train preset", "preset"), ("px", "image_size"), ("batch", "batch"),
+                                    ("precision", "precision"), ("images/s", "images_per_s"), ("s/step", "step_s"),
+                                    ("FLOP/step", "flops_per_step"), ("FLOP/s", "flops_per_s"),
+                                    ("defects s", "defects_s"), ("defects/step", "defects_fraction"),
+                                    ("augment/step", "augment_fraction"), ("peak RSS MB", "peak_rss_mb")]) + "\n")
+    if kind("inference"):
+        print(table(kind("inference"), [("inference preset", "preset"), ("backend", "backend"), ("px", "image_size"),
+                                        ("ms/image b1", "ms_per_image_b1"), ("batch", "batch"),
+                                        ("images/s", "images_per_s"), ("predict() images/s", "predict_images_per_s"),
+                                        ("FLOP/image", "flops_per_image"), ("FLOP/s", "flops_per_s"),
+                                        ("peak RSS MB", "peak_rss_mb")]) + "\n")
+    if kind("tiling"):
+        print(table(kind("tiling"), [("tiling", "backend"), ("image", "image"), ("tiles", "tiles"),
+                                     ("tiled ms", "tiled_ms"), ("resized ms", "whole_resized_ms"),
+                                     ("network ms", "network_ms_for_tiles"), ("overhead", "overhead_fraction")]) + "\n")
+    if kind("variant"):
+        compile_s = {(r["variant"], r["batch"]): r["seconds"] for r in kind("compile")}
+        print(table(kind("variant"), [("variant", "variant"), ("batch", "batch"), ("images/s", "images_per_s"),
+                                      ("vs eager", "speedup_vs_eager"),
+                                      ("compile s", lambda r: compile_s.get((r["variant"], r["batch"])))]) + "\n")
+    for p in kind("profile"):
+        print(f"Profile `{p['where']}` ({p['by']}): " +
+              ", ".join(f"{o['op']} {100 * o['share']:.0f}%" for o in p["ops"][:8]) + "\n")
+
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -476,9 +545,12 @@ def main(argv=None):
     p.add_argument("--no-onnx", action="store_true")
     p.add_argument("--no-compile", action="store_true", help="variants: skip torch.compile")
     p.add_argument("--profile", action="store_true", help="also print the top operators per part")
+    p.add_argument("--table", metavar="FILE.jsonl", help="print a saved run as Markdown tables; measure nothing")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--preset", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.table:
+        return print_tables(a.table)
     if a.worker:
         return worker(a)
 

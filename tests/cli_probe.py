@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from grdnet import defects, training
+from grdnet import defects, engine, files, training
 from grdnet.cli import main
 
 record: dict = {"model_saves": 0}
@@ -39,13 +39,13 @@ def _instrument_ddp_probe(folder: Path):
 
     defects.DefectSynthesizer.__call__ = call
 
-    real_save = training.save_model
+    real_save = engine.save_model
 
     def save_model(*args, **kwargs):
         record["model_saves"] += 1
         return real_save(*args, **kwargs)
 
-    training.save_model = save_model
+    engine.save_model = save_model
 
     def on_train_end(self):
         h = hashlib.sha256()
@@ -68,16 +68,17 @@ def _instrument_ddp_probe(folder: Path):
 
 
 def _instrument_kill(n: int):
-    real_commit = training.AtomicCheckpointIO._commit
+    real_commit = files.commit
     calls = [0]
 
     def commit(tmp, path):
-        calls[0] += 1
-        if calls[0] == n:
-            os.kill(os.getpid(), signal.SIGKILL)
+        if Path(path).suffix == ".ckpt":
+            calls[0] += 1
+            if calls[0] == n:
+                os.kill(os.getpid(), signal.SIGKILL)
         real_commit(tmp, path)
 
-    training.AtomicCheckpointIO._commit = staticmethod(commit)
+    files.commit = commit
 
 
 def _instrument_delay(seconds: float):

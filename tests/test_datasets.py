@@ -131,6 +131,51 @@ def test_16bit_images_and_masks(tmp_path):
     np.testing.assert_array_equal(load_mask(tmp_path / "m01.png"), _mask() > 0)
 
 
+@pytest.mark.parametrize("bits", [10, 12, 14, 16])
+def test_high_bit_depth_images_keep_their_contrast(tmp_path, bits):
+    """A 12-bit camera's 16-bit PNGs (values up to 4095) are scaled by 4095, not 65535 (which
+    left them nearly black); likewise 10, 14 and full 16-bit images by their own range."""
+    from grdnet.data import load_image
+    from grdnet.serve.uploads import Upload, decode_upload
+
+    top = 2 ** bits - 1
+    ramp = np.round(np.linspace(0, top, 64 * 64)).astype(np.uint16).reshape(64, 64)
+    im = Image.fromarray(ramp)
+    assert im.mode == "I;16"
+    im.save(tmp_path / "ramp.png")
+    expected = np.clip(ramp / top * 255 + 0.5, 0, 255).astype(np.uint8)
+
+    a = pil_to_array(open_image(tmp_path / "ramp.png"), 1)[..., 0]  # training / prediction loader
+    assert a.dtype == np.uint8 and a.min() == 0 and a.max() == 255
+    np.testing.assert_array_equal(a, expected)
+    mid = np.abs(ramp.astype(np.int64) - (top + 1) // 2).argmin()
+    assert abs(int(a.flat[mid]) - 128) <= 1
+    t = load_image(tmp_path / "ramp.png", 3, None)
+    assert t.shape == (3, 64, 64)
+    assert float(t.min()) == 0.0 and float(t.max()) == pytest.approx(1.0)
+    assert float(t[0].flatten()[mid]) == pytest.approx(0.5, abs=0.01)
+    served = decode_upload(Upload("ramp.png", (tmp_path / "ramp.png").read_bytes()), 10 ** 6)
+    np.testing.assert_array_equal(np.asarray(served), expected)
+
+    # A darker image from the same camera (maximum in the top half of its range) is scaled alike:
+    # it stays darker, it is not stretched to its own maximum.
+    dark = (ramp // 2 + 1).astype(np.uint16)
+    Image.fromarray(dark).save(tmp_path / "dark.png")
+    d = pil_to_array(open_image(tmp_path / "dark.png"), 1)[..., 0]
+    np.testing.assert_array_equal(d, np.clip(dark / top * 255 + 0.5, 0, 255).astype(np.uint8))
+    assert 126 <= d.max() <= 129
+
+
+def test_float_images_in_unit_range_keep_their_contrast(tmp_path):
+    ramp = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
+    Image.fromarray(ramp).save(tmp_path / "f.tif")
+    a = pil_to_array(open_image(tmp_path / "f.tif"), 1)[..., 0]
+    assert a.min() == 0 and a.max() == 255 and abs(int(a.flat[ramp.size // 2]) - 128) <= 1
+    Image.fromarray(ramp * 255).save(tmp_path / "f255.tif")  # 0..255 floats: Pillow's conversion, as before
+    with Image.open(tmp_path / "f255.tif") as im:
+        np.testing.assert_array_equal(pil_to_array(open_image(tmp_path / "f255.tif"), 1), pil_to_array(im, 1))
+
+
 def test_palette_images_and_masks(tmp_path):
     idx = np.zeros((40, 48), np.uint8)
     idx[:, 24:] = 1

@@ -103,18 +103,18 @@ def _interior_share(masks):
 
 
 def test_line_masks_are_thin_strokes_and_band_masks_straight_strips():
-    syn = DefectSynthesizer(TrainConfig(line_masks=1.0))
+    syn = DefectSynthesizer(TrainConfig(line_share=1.0))
     lines = syn.masks(200, 64, _gen(5))
     assert (lines.flatten(1).sum(1) >= 25).all()  # the minimum area holds for strokes too
     assert _interior_share(lines).max() < 0.25 and lines.mean() < 0.08
     blobs = DefectSynthesizer(TrainConfig(perlin_max_exp=4, perlin_threshold_low=0.1)).masks(200, 64, _gen(5))
     assert _interior_share(blobs).quantile(0.75) > 0.4
     # the same shapes at 4x the size (4x wider): area share similar, as thin at 64 px
-    big = DefectSynthesizer(TrainConfig(line_masks=1.0)).masks(200, 256, _gen(5))
+    big = DefectSynthesizer(TrainConfig(line_share=1.0)).masks(200, 256, _gen(5))
     small = (torch.nn.functional.avg_pool2d(big, 4) >= 0.5).float()
     assert 0.5 < big.mean() / lines.mean() < 2 and _interior_share(small).quantile(0.9) < 0.2
 
-    bands = DefectSynthesizer(TrainConfig(band_masks=1.0)).masks(200, 64, _gen(6))[:, 0]
+    bands = DefectSynthesizer(TrainConfig(band_share=1.0)).masks(200, 64, _gen(6))[:, 0]
     area = bands.flatten(1).mean(1)
     assert area.min() > 0.005 and area.max() < 0.75 and area.mean() > 0.15
     # a strip is convex: along every row and column its pixels form one run
@@ -126,6 +126,6 @@ def test_line_masks_are_thin_strokes_and_band_masks_straight_strips():
 
 def test_shape_shares_are_validated():
     with pytest.raises(GRDNetError, match="shares"):
-        TrainConfig(line_masks=0.7, band_masks=0.4)
+        TrainConfig(line_share=0.7, band_share=0.4)
     with pytest.raises(GRDNetError, match="shares"):
-        TrainConfig(line_masks=-0.1)
+        TrainConfig(line_share=-0.1)

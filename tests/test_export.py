@@ -14,7 +14,8 @@ from grdnet.config import build_config
 from grdnet.errors import GRDNetError
 from grdnet.export import OnnxPredictor, export_onnx, resize_contract
 from grdnet.modelfile import save_model
-from grdnet.scoring import InferenceNet, Predictor
+from grdnet.model import GRDNet
+from grdnet.scoring import Predictor
 from test_cli import _assert_clean_error, run_cli
 
 
@@ -22,7 +23,7 @@ def _random_net(cfg, seed):
     """Untrained networks whose batch-norm statistics are set from images, as training would, so
     that maps depend on the image (with default statistics they are nearly constant)."""
     torch.manual_seed(seed)
-    net = InferenceNet.build(cfg)
+    net = GRDNet(cfg)
     for m in net.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.momentum = None  # running statistics = plain average over the batches below
@@ -48,19 +49,16 @@ def _images(size, seed):
     return out
 
 
-@pytest.fixture(scope="module", params=[(3, 32, "max_pool", False), (1, 32, "max_pool", True),
-                                        (3, 64, "topk_mean", False), (1, 64, "max_pool", False)],
-                ids=["rgb32", "gray32-flips-scales", "rgb64-topk-nogan", "gray64-unshuffle2"])
+@pytest.fixture(scope="module", params=[(3, 32, 5, False), (1, 32, 5, True), (3, 64, 9, False), (1, 64, 5, False)],
+                ids=["rgb32", "gray32-flips", "rgb64-kernel9-nogan", "gray64-unshuffle2"])
 def exported(request, tmp_path_factory):
-    channels, size, rule, flips = request.param
-    # one case with the coarser score views too: their channels go through the graph and the ROI path
-    scales = (1.0, 0.75, 0.5) if flips else (1.0,)
-    # and one whose networks run at half the input size on pixel-unshuffled input
+    channels, size, kernel, flips = request.param
+    # one whose networks run at half the input size on pixel-unshuffled input
     unshuffle = 2 if (channels, size) == (1, 64) else 1
     # and one with the segmenter alone (`ModelConfig.gan` False)
     gan = (channels, size) != (3, 64)
-    cfg, _ = build_config("tiny", model=dict(channels=channels, image_size=size, score_rule=rule, flip_average=flips,
-                                             score_scales=scales, unshuffle=unshuffle, gan=gan))
+    cfg, _ = build_config("tiny", model=dict(channels=channels, image_size=size, score_kernel=kernel,
+                                             flip_average=flips, unshuffle=unshuffle, gan=gan))
     net = _random_net(cfg, seed=channels * 1000 + size)
     images = _images(size, seed=size + channels)
     scores = np.sort([p.score for p in Predictor(net, cfg).predict(images)])
@@ -109,7 +107,7 @@ def test_parity_aspect_views(exported):
     torch_p, onnx_p = grdnet.load(folder), grdnet.load(onnx_file)
     s = torch_p.cfg.image_size
     wide = np.random.default_rng(6).integers(0, 256, (s + 9, 3 * s, 3), dtype=np.uint8)
-    for mode in ("keep", "both") if len(torch_p.cfg.score_scales) == 1 else ("both",):  # keep: one view only
+    for mode in ("keep", "both"):
         torch_p.cfg = onnx_p.cfg = dataclasses.replace(torch_p.cfg, aspect=mode)
         x, y = torch_p.predict(wide), onnx_p.predict(wide)
         assert np.abs(x.anomaly_map - y.anomaly_map).max() <= 1e-4 and abs(x.score - y.score) <= 1e-4
@@ -124,9 +122,8 @@ def test_metadata_carries_the_contract(exported):
     assert props["config_json"] == (folder / "config.json").read_text()
     assert props["image_size"] == str(cfg.image_size) and props["channels"] == str(cfg.channels)
     assert "[0, 1]" in props["scaling"] and "bilinear" in props["resize"]
-    assert props["score_rule"].startswith(cfg.score_rule)
+    assert props["score_rule"].startswith(f"max_pool: maximum of the anomaly map average-pooled with a {cfg.score_kernel}x")
     assert props["flip_average"].startswith(str(cfg.flip_average).lower())
-    assert ("downscaled" in props["score_scales"]) == (len(cfg.score_scales) > 1)
     assert float(props["threshold"]) == doc["threshold"] and props["threshold_rule"] == "test: widest gap"
     check = json.loads(props["export_check"])
     assert check["max_abs_map_diff"] <= 1e-4 and check["max_abs_score_diff"] <= 1e-4
@@ -189,7 +186,7 @@ def test_cli_bad_models_are_one_line_errors(trained_tiny, tmp_path):
 
 def test_unsupported_opset_is_refused(tmp_path):
     cfg, _ = build_config("tiny")
-    folder = save_model(tmp_path / "model", InferenceNet.build(cfg), cfg, {})
+    folder = save_model(tmp_path / "model", GRDNet(cfg), cfg, {})
     with pytest.raises(GRDNetError, match="opset 7"):
         export_onnx(folder, tmp_path / "old.onnx", opset=7)
     assert not (tmp_path / "old.onnx").exists()

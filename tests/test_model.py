@@ -2,8 +2,7 @@ import pytest
 import torch
 
 from grdnet.config import PRESETS, build_config
-from grdnet.model import Discriminator, Generator, Segmenter
-from grdnet.scoring import InferenceNet
+from grdnet.model import Discriminator, GRDNet, Segmenter
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))
@@ -12,10 +11,10 @@ def test_network_shapes(preset, channels):
     m, _ = build_config(preset, model={"channels": channels, "gan": True})
     s = m.image_size
     x = torch.rand(2, channels, s, s)
-    g, d, seg = Generator(m), Discriminator(m), Segmenter(m)
+    g, d, seg = GRDNet(m, training=True), Discriminator(m), Segmenter(m)
     alone = Segmenter(build_config(preset, model={"channels": channels, "gan": False})[0])
     with torch.no_grad():
-        x_hat, z, z_hat = g(x)
+        x_hat, z, z_hat = g.generate(x)
         logit, feat = d(x)
         out = seg(x_hat, x)
         out_alone = alone(None, x)  # without the GAN: the image alone
@@ -27,13 +26,13 @@ def test_network_shapes(preset, channels):
 
 def test_unshuffle_runs_the_networks_at_a_fraction_of_the_input_size():
     m, _ = build_config("tiny", model={"channels": 1, "image_size": 64, "unshuffle": 2})
-    g, d, seg = Generator(m), Discriminator(m), Segmenter(m)
+    g, d, seg = GRDNet(m, training=True), Discriminator(m), Segmenter(m)
     x = torch.rand(2, 1, 64, 64)
     seen = {}
     seg.down[0].register_forward_hook(lambda mod, inp, out: seen.update(seg_in=inp[0].shape))
     g.encoder.stem.register_forward_hook(lambda mod, inp, out: seen.update(enc_in=inp[0].shape))
     with torch.no_grad():
-        x_hat, z, _ = g(x)
+        x_hat, z, _ = g.generate(x)
         out = seg(x_hat, x)
         _, feat = d(x)
     # every input pixel reaches the first layer, rearranged into channels at half the size
@@ -64,7 +63,7 @@ def test_paper_preset_bottleneck_is_32x8x8():
 
 def test_inference_net_skips_second_encoder_and_discriminator():
     m, _ = build_config("tiny")
-    net = InferenceNet.build(m)
+    net = GRDNet(m)
     names = {n.split(".")[0] for n, _ in net.named_parameters()}
     assert names == {"encoder", "decoder", "segmenter"}
     maps = net.eval()(torch.rand(3, 3, 32, 32))
@@ -74,7 +73,7 @@ def test_inference_net_skips_second_encoder_and_discriminator():
 def test_flip_average_is_the_mean_of_the_four_flipped_maps():
     m, _ = build_config("tiny", model={"flip_average": True})
     torch.manual_seed(0)
-    net = InferenceNet.build(m).eval()
+    net = GRDNet(m).eval()
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         plain = [net.anomaly_map(x.flip(d)).flip(d) if d else net.anomaly_map(x) for d in ((), (-1,), (-2,), (-2, -1))]
@@ -99,40 +98,57 @@ def test_bad_image_size_is_a_clear_error():
         build_config("cpu", model={"image_size": 100})
 
 
-def test_score_scales_add_coarser_views_to_the_score_only():
-    import torch.nn.functional as F
-
+def test_cpu_predictor_folds_batch_norms_and_computes_the_same():
     from grdnet.scoring import Predictor, image_scores
     from test_export import _random_net
 
-    m, _ = build_config("tiny", model={"flip_average": True, "score_scales": [1.0, 0.75, 0.5]})
-    one = build_config("tiny", model={"flip_average": True})[0]
-    assert m.score_sizes == (24, 16) and one.score_sizes == ()
+    m, _ = build_config("tiny", model={"flip_average": True})
     net = _random_net(m, seed=0)  # batch-norm statistics of its own, so that folding them matters
-    single = InferenceNet(net.encoder, net.decoder, net.segmenter, flip_average=True).eval()
-    x = torch.rand(2, 3, 32, 32)
+    images = (torch.rand(2, 32, 32, 3) * 255).round().to(torch.uint8)
+    x = images.permute(0, 3, 1, 2).float() / 255
     with torch.no_grad():
         maps = net(x)
-        assert maps.shape == (2, 3, 32, 32)
-        assert torch.allclose(maps[:, :1], single(x), atol=1e-6)  # channel 0: the anomaly map as before
-        small = F.interpolate(x, size=(16, 16), mode="bilinear", antialias=True, align_corners=False)
-        assert torch.allclose(maps[:, 2:], F.interpolate(single(small), size=(32, 32), mode="bilinear"), atol=1e-6)
-        assert not torch.allclose(maps[:, :1], maps[:, 2:], atol=1e-3)
-    per_view = torch.stack([image_scores(maps[:, i:i + 1], one) for i in range(3)])
-    assert torch.allclose(image_scores(maps, m), per_view.mean(0))
-    # The predictor's CPU network (batch norms folded) computes the same; a network traced as a
-    # whole would fold each batch norm once per view.
     p = Predictor(net, m)
+    def batch_norms(module):
+        return sum(isinstance(mod, torch.nn.BatchNorm2d) for mod in module.modules())
+
+    # every batch norm after a convolution is folded, the segmenter's too (only the generator's
+    # pre-activation ones, before their convolution, stay)
+    assert p.net is not net and batch_norms(p.net.segmenter) == 0 < batch_norms(net.segmenter)
+    assert batch_norms(p.net) < batch_norms(net)
     got_maps, got_scores = p._run(x)
-    assert torch.allclose(got_maps, maps, atol=1e-5) and torch.allclose(got_scores, image_scores(maps, m), atol=1e-5)
+    assert torch.allclose(got_maps, maps, atol=1e-5)
+    assert torch.allclose(got_scores, image_scores(maps, m.score_kernel), atol=1e-5)
     assert p.maps(x).shape == (2, 1, 32, 32)
-    pred = p.predict((x[0].permute(1, 2, 0).numpy() * 255).astype("uint8"))
-    assert pred.anomaly_map.shape == (32, 32) and abs(pred.score - float(got_scores[0])) < 1e-3  # uint8 input
+    pred = p.predict(images[0].numpy())
+    assert pred.anomaly_map.shape == (32, 32) and abs(pred.score - float(got_scores[0])) < 1e-5  # uint8 input
 
 
-@pytest.mark.parametrize("scales", [[0.5], [1.0, 0.3], [1.0, 1.5], []])
-def test_bad_score_scales_are_a_clear_error(scales):
+def test_old_model_files_with_retired_score_options_load(tmp_path):
+    import json
+
     from grdnet import GRDNetError
+    from grdnet.modelfile import load_model, save_model
 
+    m, _ = build_config("tiny")
+    folder = save_model(tmp_path / "model", GRDNet(m), m, {})
+    doc = json.loads((folder / "config.json").read_text())
+    doc["model"].update(score_rule="max_pool", score_topk=0.01, score_scales=[1.0])
+    (folder / "config.json").write_text(json.dumps(doc))
+    assert load_model(folder)[1] == m
+    doc["model"]["score_scales"] = [1.0, 0.5]
+    (folder / "config.json").write_text(json.dumps(doc))
     with pytest.raises(GRDNetError, match="score_scales"):
-        build_config("cpu", model={"score_scales": scales})
+        load_model(folder)
+
+
+def test_presets_are_complete_tables_and_paper_is_the_default():
+    import dataclasses
+
+    from grdnet.config import ModelConfig, TrainConfig
+
+    for name, (model, train) in PRESETS.items():
+        assert set(model) == {f.name for f in dataclasses.fields(ModelConfig)}, name
+        assert set(train) == {f.name for f in dataclasses.fields(TrainConfig)}, name
+    assert build_config("paper") == (ModelConfig(), TrainConfig())
+    assert build_config("cpu")[0] != ModelConfig()

@@ -11,6 +11,7 @@ from grdnet import GRDNetError
 from grdnet.cli import main
 from grdnet.config import build_config
 from grdnet.roi import find_rois, make_roi, otsu
+from grdnet.model import GRDNet
 from grdnet.training import GRDNetModule
 
 
@@ -69,7 +70,7 @@ def test_train_with_roi_and_test_with_roi(tiny_dataset, tmp_path):
 
 def test_roi_zeroes_the_map_outside():
     m, _ = build_config("tiny")
-    p = grdnet.Predictor(__import__("grdnet.scoring", fromlist=["InferenceNet"]).InferenceNet.build(m), m, 0.5)
+    p = grdnet.Predictor(GRDNet(m), m, 0.5)
     img = (np.random.default_rng(0).random((40, 48, 3)) * 255).astype(np.uint8)
     roi = np.zeros((40, 48), bool)
     roi[10:20, 10:30] = True

@@ -23,7 +23,7 @@ from grdnet.cli import main
 from grdnet.config import build_config
 from grdnet.losses import (adversarial_loss, contextual_loss, discriminator_loss, latent_loss,
                            segmentation_loss)
-from grdnet.training import AtomicCheckpointIO, _EpochSampler, _ResumableLoader
+from grdnet.engine import AtomicCheckpointIO, EpochSampler, ResumableLoader
 
 PROBE = Path(__file__).with_name("cli_probe.py")
 
@@ -177,8 +177,8 @@ def test_weight_average_is_saved_and_survives_resume(tiny_dataset, tmp_path):
     straight = _weights(run("straight", 2))
     ckpt = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
 
-    def inference_part(state):  # module keys (generator.encoder.*, segmenter.*) -> model file keys
-        return {k.removeprefix("generator."): v for k, v in state.items() if not k.startswith("discriminator.")}
+    def inference_part(state):  # module keys (net.encoder.*, net.segmenter.*) -> model file keys
+        return {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}
 
     averaged, raw = inference_part(ckpt["state_dict"]), inference_part(ckpt["current_model_state"])
     # the model file holds the average, not the last step's weights
@@ -244,12 +244,12 @@ def test_losses_under_bf16_autocast_match_fp32():
 
 
 def test_default_precision_follows_the_cpus_bf16_support(monkeypatch):
-    from grdnet import training
+    from grdnet import engine
 
     for native, expected in ((True, "bf16-mixed"), (False, "32-true")):
-        monkeypatch.setattr(training, "native_cpu_bf16", lambda: native)
-        assert training.resolve_precision(None, "cpu") == expected
-        assert training.resolve_precision("32-true", "cpu") == "32-true"  # an explicit choice stands
+        monkeypatch.setattr(engine, "native_cpu_bf16", lambda: native)
+        assert engine.resolve_precision(None, "cpu") == expected
+        assert engine.resolve_precision("32-true", "cpu") == "32-true"  # an explicit choice stands
 
 
 def test_cpu_training_runs_channels_last(tiny_dataset, tmp_path):
@@ -257,7 +257,7 @@ def test_cpu_training_runs_channels_last(tiny_dataset, tmp_path):
 
     class Probe(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            w = pl_module.segmenter.down[0][0].weight
+            w = pl_module.net.segmenter.down[0][0].weight
             seen.append(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous())
 
     model = grdnet.train(tiny_dataset, tmp_path / "cl", preset="tiny", epochs=1, accelerator="cpu",
@@ -295,8 +295,8 @@ def test_loader_resumes_mid_epoch_with_the_unseen_batches():
     ds = torch.utils.data.TensorDataset(torch.arange(22))
 
     def loader():
-        return _ResumableLoader(ds, batch_size=4, sampler=_EpochSampler(ds, num_replicas=1, rank=0, seed=5),
-                                drop_last=True)
+        return ResumableLoader(ds, batch_size=4, sampler=EpochSampler(ds, num_replicas=1, rank=0, seed=5),
+                               drop_last=True)
 
     a = loader()
     a.sampler.set_epoch(3)

@@ -75,7 +75,7 @@ def test_segmenter_learning_rate_is_its_own():
     m, t = build_config("tiny", train={"lr": 1e-4, "seg_lr": 1e-3})
     mod = GRDNetModule(m, t)
     (g_opt, d_opt), _ = mod.configure_optimizers()
-    seg = {id(p) for p in mod.segmenter.parameters()}
+    seg = {id(p) for p in mod.net.segmenter.parameters()}
     for group in g_opt.param_groups:
         assert group["lr"] == (1e-3 if {id(p) for p in group["params"]} <= seg else 1e-4)
     assert d_opt.param_groups[0]["lr"] == 1e-4
@@ -88,12 +88,12 @@ def test_model_without_gan_trains_the_segmenter_alone(tiny_dataset, tmp_path):
 
     m, t = build_config("tiny", model={"gan": False}, train={"seg_lr": 1e-3})
     mod = GRDNetModule(m, t)
-    assert mod.generator is None and mod.discriminator is None
+    assert mod.net.encoder is None and mod.net.discriminator is None and not mod.net.has_gan
     (opt,), (sched,) = mod.configure_optimizers()
-    assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in mod.segmenter.parameters()}
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in mod.net.segmenter.parameters()}
     assert opt.param_groups[0]["lr"] == 1e-3
     # the segmenter sees the image alone: C input channels, not the (reconstruction, image) pair
-    assert mod.segmenter.down[0][0].in_channels == m.channels
+    assert mod.net.segmenter.down[0][0].in_channels == m.channels
 
     run = tmp_path / "run"
     model_dir = grdnet.train(tiny_dataset, run, preset="tiny", model={"gan": False}, epochs=3, progress=False,
@@ -107,3 +107,18 @@ def test_model_without_gan_trains_the_segmenter_alone(tiny_dataset, tmp_path):
     assert p.cfg.gan is False and p.net.encoder is None
     r = p.predict(str(next((tiny_dataset / "test" / "hole").iterdir())))
     assert r.anomaly_map.shape == (40, 48) and 0 <= r.score <= 1
+
+
+def test_progress_without_a_terminal_is_a_line_at_an_interval(tiny_dataset, tmp_path, capsys, monkeypatch):
+    from grdnet import engine
+
+    # stdout is captured here, not a terminal: no redrawn bar, only progress lines
+    grdnet.train(tiny_dataset, tmp_path / "quiet", preset="tiny", epochs=3)
+    out = capsys.readouterr().out
+    assert "\r" not in out and "it/s" not in out and "epoch " not in out  # a short run: no line yet
+    monkeypatch.setattr(engine, "PROGRESS_LINE_SECONDS", 0.0)  # a line after every batch
+    model = grdnet.train(tiny_dataset, tmp_path / "lines", preset="tiny", epochs=3)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("epoch ")]
+    batches = json.loads((model / "config.json").read_text())["training"]["batches"]
+    assert len(lines) == batches and "\r" not in "".join(lines)
+    assert lines[-1].startswith("epoch 2 ") and " seg " in lines[-1]

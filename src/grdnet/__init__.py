@@ -9,13 +9,12 @@ defects in new images:
 >>> result = predictor.predict("part.png")
 >>> result.score, result.label, result.anomaly_map
 """
-__version__ = "0.1.0"
-
-from .api import load, train  # noqa: E402
-from .config import ModelConfig, TrainConfig, build_config  # noqa: E402
-from .errors import GRDNetError  # noqa: E402
-from .scoring import Prediction, Predictor  # noqa: E402
-from .export import OnnxPredictor, export_onnx  # noqa: E402
+from .api import load, train
+from .config import ModelConfig, TrainConfig, build_config
+from .errors import GRDNetError
+from .export import OnnxPredictor, export_onnx
+from .scoring import Prediction, Predictor
+from .version import __version__
 
 __all__ = ["load", "train", "Predictor", "OnnxPredictor", "export_onnx", "Prediction", "ModelConfig", "TrainConfig", "build_config",
            "GRDNetError", "__version__"]

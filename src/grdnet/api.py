@@ -20,7 +20,6 @@ def load(path, device: str = "cpu", tile: bool | None = None) -> BasePredictor:
         from .export import OnnxPredictor
 
         if str(device) != "cpu":
-            from .errors import GRDNetError
             raise GRDNetError(f"{path}: ONNX models run on the CPU here; load the model folder for device {device}")
         return OnnxPredictor.load(path, tile=tile)
     return Predictor.load(path, device=device, tile=tile)
@@ -35,18 +34,17 @@ def train(data, out, preset: str = "cpu", *, epochs: int | None = None, max_minu
     Returns the model folder (None in DDP processes other than rank 0). `roi`: a folder of ROI
     masks mirroring `data`, or one mask for all images; `roi_default`: the mask for images without
     one. `model`/`train` override preset values (see `ModelConfig`, `TrainConfig`); `trainer_args`
-    go to `grdnet.training.train` (devices, precision, resume, ...).
+    go to `grdnet.engine.train` (devices, precision, resume, ...).
     `val_data`: a labelled validation folder (`good/` + defect folders, never the test split);
     when given, the threshold is then set on it by `val_rule` (see `grdnet.calibration`)
     instead of the held-out good images' quantile.
     """
-    from .training import train as _train
+    from .engine import train as _train
 
     if val_data is not None:
-        from .calibration import RULES, labelled_images
+        from .calibration import check_rule, labelled_images
 
-        if val_rule not in RULES:
-            raise GRDNetError(f"unknown threshold rule {val_rule!r}; choose from {', '.join(RULES)}")
+        check_rule(val_rule)
         if not labelled_images(val_data):  # fail before training, not after it
             raise GRDNetError(f"{val_data}: no images found in the validation folder")
 

@@ -1,7 +1,7 @@
 """`grdnet calibrate`: set a model's decision threshold from a labelled validation folder.
 
-Training already stores a threshold: the 0.99 quantile of the scores of good training images held
-out from training (`training.calibrate_threshold`). Where labelled defective images exist that
+Training stores a threshold: the 0.99 quantile of the scores of good training images held out
+from training (`held_out_threshold`). Where labelled defective images exist that
 are *not* the test set, this module replaces it with the threshold that maximises F1 on them, or
 with the quantile of that folder's good images. The test split is refused: a threshold fitted
 on the test set makes every figure computed on it optimistic.
@@ -12,19 +12,25 @@ defect type; masks are not needed.
 from __future__ import annotations
 
 import datetime as dt
-import json
-import os
-import tempfile
+import logging
 from pathlib import Path
 
 import numpy as np
 
 from .data import list_images
 from .errors import GRDNetError
+from .files import write_json
 from .metrics import image_metrics, threshold_metrics
 from .modelfile import CONFIG, read_config
+from .scoring import Predictor
+
+log = logging.getLogger(__name__)
 
 RULES = ("f1", "quantile")
+
+
+def check_rule(rule: str) -> None:
+    check_rule(rule)
 
 
 def labelled_images(folder) -> list[tuple[Path, int]]:
@@ -58,9 +64,8 @@ def choose_threshold(scores, labels, rule: str = "f1", quantile: float = 0.99) -
         good = scores[labels == 0]
         if good.size == 0:
             raise GRDNetError("quantile rule needs good validation images (none found)")
-        return float(np.quantile(good, quantile))
-    if rule != "f1":
-        raise GRDNetError(f"unknown threshold rule {rule!r}; choose from {', '.join(RULES)}")
+        return quantile_threshold(good, quantile)
+    check_rule(rule)
     if not (labels == 1).any() or not (labels == 0).any():
         raise GRDNetError("F1 rule needs both good and defective validation images")
     best = image_metrics(scores, labels)["image_f1_threshold"]
@@ -68,18 +73,33 @@ def choose_threshold(scores, labels, rule: str = "f1", quantile: float = 0.99) -
     return float((best + below.max()) / 2) if below.size else float(best)
 
 
-def _write_config_atomically(folder: Path, doc: dict) -> None:
-    # A crash mid-write must never leave a half-written config.json: write beside it, then rename.
-    fd, tmp = tempfile.mkstemp(prefix=f".{CONFIG}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(doc, indent=2, default=str))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, folder / CONFIG)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def quantile_threshold(good_scores, quantile: float) -> float:
+    """The `quantile` of good images' scores: by construction about (1 - quantile) of good images
+    score at or above it and are flagged."""
+    return float(np.quantile(np.asarray(good_scores, dtype=np.float64), quantile))
+
+
+def split_train_val(paths: list[Path], fraction: float, seed: int) -> tuple[list[Path], list[Path]]:
+    """Hold out good training images for threshold calibration (never the test split)."""
+    n_val = int(round(len(paths) * fraction)) if len(paths) >= 5 else 0
+    order = np.random.default_rng(seed).permutation(len(paths))
+    val = sorted(paths[i] for i in order[:n_val])
+    train = sorted(paths[i] for i in order[n_val:])
+    return train, val
+
+
+def held_out_threshold(predictor: Predictor, val_paths: list[Path], train_paths: list[Path], quantile: float,
+                       batch_size: int = 16) -> dict:
+    """The training-time threshold: `quantile_threshold` of the held-out good images' scores (the
+    training images' when none could be held out). Documented in the model's config.json."""
+    paths = val_paths or train_paths
+    if not val_paths:
+        log.warning("too few training images to hold out a validation split: threshold calibrated on "
+                    "training images (expect more false alarms)")
+    scores = np.array([p.score for p in predictor.predict(list(paths), batch_size=batch_size)])
+    return {"threshold": quantile_threshold(scores, quantile),
+            "threshold_rule": f"quantile {quantile} of {len(scores)} held-out good training images' scores",
+            "val_scores": {"n": len(scores), "mean": float(scores.mean()), "max": float(scores.max())}}
 
 
 def calibrate(model, val_data, rule: str = "f1", quantile: float | None = None, batch_size: int = 16,
@@ -89,10 +109,7 @@ def calibrate(model, val_data, rule: str = "f1", quantile: float | None = None, 
     `quantile` defaults to the model's training `threshold_quantile` (0.99). Returns the
     calibration record also stored in config.json under ``calibration``.
     """
-    from .scoring import Predictor
-
-    if rule not in RULES:
-        raise GRDNetError(f"unknown threshold rule {rule!r}; choose from {', '.join(RULES)}")
+    check_rule(rule)
     folder, doc = read_config(model)
     val = Path(val_data).resolve()
     trained_on = doc.get("training", {}).get("data")
@@ -126,5 +143,5 @@ def calibrate(model, val_data, rule: str = "f1", quantile: float | None = None, 
         "date": dt.datetime.now().isoformat(timespec="seconds"),
     }
     doc.update(threshold=threshold, threshold_rule=text, calibration=record)
-    _write_config_atomically(folder, doc)
+    write_json(folder / CONFIG, doc)
     return record

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import GRDNetError
+from .version import __version__
 
 
 def _quiet():
@@ -70,6 +71,7 @@ def _devices(v: str):
 def cmd_train(a) -> int:
     from .api import train
     from .data import category_dirs
+    from .modelfile import read_config
 
     model, tr = _train_overrides(a)
 
@@ -81,7 +83,7 @@ def cmd_train(a) -> int:
                      resume=a.resume, deterministic=a.deterministic, loggers=a.logger)
         if path is None:  # a DDP rank other than 0: rank 0 writes the run folder and reports
             return
-        cfg = json.loads((path / "config.json").read_text())
+        _, cfg = read_config(path)
         print(f"model written to {path} (threshold {cfg['threshold']:.4f}, {cfg['training']['epochs']} epochs, "
               f"{cfg['training']['minutes']} min)", flush=True)
 
@@ -99,7 +101,7 @@ def cmd_train(a) -> int:
     failed = []
     for cat in cats:
         run = Path(a.out) / cat.name
-        if (run / "model" / "config.json").is_file():
+        if _is_model(run / "model"):
             print(f"{cat.name}: already trained ({run / 'model'}); skipped", flush=True)
             continue
         print(f"{cat.name}: training", flush=True)
@@ -112,6 +114,16 @@ def cmd_train(a) -> int:
         print(f"error: {len(failed)} of {len(cats)} categories failed: {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _is_model(folder: Path) -> bool:
+    """True when `folder` holds a finished model (a category `train --all-categories` can skip)."""
+    from .modelfile import resolve_model_dir
+
+    try:
+        return resolve_model_dir(folder) == folder
+    except GRDNetError:
+        return False
 
 
 def cmd_test(a) -> int:
@@ -298,9 +310,15 @@ _TILE_HELP = ("score images larger than the model as overlapping model-size tile
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="grdnet", description="GRD-Net industrial anomaly detection")
-    parser.add_argument("--version", action="version", version=f"grdnet {__import__('grdnet').__version__}")
+    parser.add_argument("--version", action="version", version=f"grdnet {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_train_parser, _test_parser, _calibrate_parser, _predict_parser, _roi_parser, _export_parser,
+                _demo_parser, _serve_parser):
+        add(sub)
+    return parser
 
+
+def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="train on DATA/train/good (MVTec AD layout)")
     p.add_argument("data")
     p.add_argument("--out", required=True, help="run folder to write")
@@ -314,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="threshold rule on --val-data (default: f1)")
     p.set_defaults(func=cmd_train)
 
+
+def _test_parser(sub) -> None:
     p = sub.add_parser("test", help="evaluate a model on DATA/test with the ground truth")
     p.add_argument("model", help="model folder, run folder or .onnx file")
     p.add_argument("data")
@@ -327,10 +347,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write a report folder here: report.json, images.csv, curves, gallery, "
                                  "index.html (for a multi-category DATA: one per category and a summary)")
     p.add_argument("--gallery", type=int, default=6, help="worst misses and false alarms shown (default 6 each)")
-
     p.add_argument("--tile", action="store_true", help=_TILE_HELP)
     p.set_defaults(func=cmd_test)
 
+
+def _calibrate_parser(sub) -> None:
     p = sub.add_parser("calibrate", help="set a model's threshold on a labelled validation folder")
     p.add_argument("model", help="model folder or run folder (its config.json is rewritten)")
     p.add_argument("val_data", help="folder with good/ and one folder per defect type (never the test split)")
@@ -339,6 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantile", type=float, help="for --rule quantile (default: the model's, 0.99)")
     p.set_defaults(func=cmd_calibrate)
 
+
+def _predict_parser(sub) -> None:
     p = sub.add_parser("predict", help="score images; write heatmap overlays and one JSON line per image")
     p.add_argument("model", help="model folder, run folder or .onnx file")
     p.add_argument("inputs", nargs="+", help="image files or folders")
@@ -350,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tile", action="store_true", help=_TILE_HELP)
     p.set_defaults(func=cmd_predict)
 
+
+def _roi_parser(sub) -> None:
     p = sub.add_parser("roi", help="make a ROI mask from rectangles/polygons or by thresholding an image")
     p.add_argument("--out", required=True, help="mask PNG to write (a _preview.png is written beside it)")
     p.add_argument("--size", help="WIDTHxHEIGHT of the mask")
@@ -363,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_roi)
 
 
+def _export_parser(sub) -> None:
     p = sub.add_parser("export", help="export a model to one self-describing file for other runtimes")
     p.add_argument("model", help="model folder or run folder")
     p.add_argument("--format", choices=["onnx"], default="onnx")
@@ -370,6 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default: 18)")
     p.set_defaults(func=cmd_export)
 
+
+def _demo_parser(sub) -> None:
     p = sub.add_parser("demo", help="generate a dataset, train, evaluate and show heatmaps (<= 10 min on CPU)")
     p.add_argument("--out", default="grdnet-demo")
     p.add_argument("--max-minutes", type=float, default=None, help="training time budget (default: the demo's)")
@@ -377,6 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
 
+
+def _serve_parser(sub) -> None:
     p = sub.add_parser("serve", help="REST API and inspection web page for a model (http://127.0.0.1:8000/)")
     p.add_argument("model", help="model folder or run folder")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
@@ -389,7 +419,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, help="most images in one forward pass (default: 8)")
     p.add_argument("--queue-size", type=int, help="requests waiting for inference before 503 (default: 32)")
     p.set_defaults(func=cmd_serve)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

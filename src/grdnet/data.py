@@ -37,7 +37,7 @@ def open_image(path) -> Image.Image:
     try:
         with Image.open(path) as img:
             img.load()
-            return img.copy() if img.mode not in ("I;16", "I;16B", "I;16L", "I") else _to_8bit(img)
+            return to_8bit(img)
     except FileNotFoundError:
         raise GRDNetError(f"{path}: no such file") from None
     except UnidentifiedImageError:
@@ -46,10 +46,38 @@ def open_image(path) -> Image.Image:
         raise GRDNetError(f"{path}: cannot decode image ({e})") from None
 
 
-def _to_8bit(img: Image.Image) -> Image.Image:
-    a = np.asarray(img, dtype=np.float64)
-    top = 65535.0 if a.max() > 255 else 255.0
-    return Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
+HIGH_BIT_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I")  # one integer channel, more than 8 bits
+_CAMERA_BITS = (8, 10, 12, 14, 16)
+
+
+def to_8bit(img: Image.Image) -> Image.Image:
+    """A decoded image with 8 bits per channel; images that already have them come back as a copy.
+
+    Integer grayscale ("I;16*" and 32-bit "I") images are scaled by their bit depth, which the
+    files do not declare (a 12-bit camera writes 16-bit PNGs and TIFFs), so it is inferred from
+    the image's maximum: the smallest of 8, 10, 12, 14 and 16 bits that holds it, i.e. a maximum
+    below 256 is 8-bit data (divided by 255), below 1024 10-bit (1023), below 4096 12-bit (4095),
+    below 16384 14-bit (16383), else 16-bit (65535); a 32-bit "I" image above 65535 uses the bit
+    count of its maximum. Values map linearly onto 0..255, rounded; negative values become 0.
+    The image is not stretched to its own maximum: images from one camera share a depth and keep
+    their relative brightness (only an image darker than the next smaller depth, e.g. a 12-bit
+    image whose maximum is under 1024, is brightened).
+
+    Float ("F") images whose values all lie in [0, 1] are normalised intensities, scaled by 255;
+    other float images are kept as they are (their values, clipped to 0..255, are the 8-bit
+    values, as Pillow converts them).
+    """
+    if img.mode == "F":
+        a = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        if a.size and a.max() <= 1.0:
+            return Image.fromarray(np.clip(a * 255.0 + 0.5, 0, 255).astype(np.uint8))
+        return img.copy()
+    if img.mode not in HIGH_BIT_DEPTH_MODES:
+        return img.copy()
+    a = np.asarray(img).astype(np.float64)
+    top = int(a.max()) if a.size else 0
+    bits = next((b for b in _CAMERA_BITS if top < 2 ** b), top.bit_length())
+    return Image.fromarray(np.clip(a / (2 ** bits - 1) * 255.0 + 0.5, 0, 255).astype(np.uint8))
 
 
 def pil_to_array(img: Image.Image, channels: int) -> np.ndarray:

@@ -1,8 +1,8 @@
 """Synthetic defects (DRAEM-style), generated as batched tensors on the training device.
 
 A binary mask M is drawn per sample; inside M the image is blended with an anomaly source S:
-`X_n = X * (1 - M) + M * ((1 - beta) * X + beta * S)`. Mask shapes (`TrainConfig.line_masks`,
-`band_masks` give the shares of the last two):
+`X_n = X * (1 - M) + M * ((1 - beta) * X + beta * S)`. Mask shapes (`TrainConfig.line_share`,
+`band_share` give the shares of the last two):
 
 * a Perlin-noise field at a random scale, thresholded: blobs (holes, stains, dents);
 * thin wandering strokes, one to three: scratches and cracks;
@@ -130,7 +130,7 @@ class DefectSynthesizer:
 
     def masks(self, batch: int, size: int, gen=None, device=None) -> torch.Tensor:
         """Binary masks (B, 1, S, S); each has at least `min_defect_pixels` pixels, redrawn if not."""
-        lines, bands = self.cfg.line_masks, self.cfg.band_masks
+        lines, bands = self.cfg.line_share, self.cfg.band_share
         shape = None  # per sample: 0 Perlin blob, 1 strokes, 2 band
         if lines or bands:
             u = torch.rand(batch, generator=gen, device=device)

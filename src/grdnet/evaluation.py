@@ -32,27 +32,9 @@ def run_test(predictor: BasePredictor, data, threshold: float | None = None, bat
     roi_paths = find_rois([s.path for s in samples], data, roi, roi_default) if roi else [None] * len(samples)
     thr = predictor.threshold if threshold is None else threshold
     has_masks = any(s.mask_path is not None for s in samples)
-    rows = []
-
-    def records():
-        for start in range(0, len(samples), batch_size):
-            chunk = samples[start:start + batch_size]
-            rois = [None if r is None else roi_for_image(r, image_size_of(s.path)[::-1])
-                    for s, r in zip(chunk, roi_paths[start:start + batch_size])]
-            preds = predictor.predict([s.path for s in chunk], threshold=thr, batch_size=batch_size, roi=rois)
-            for s, p, r in zip(chunk, preds, rois):
-                mask = None
-                if has_masks and (s.label == 0 or s.mask_path is not None):
-                    h, w = p.anomaly_map.shape
-                    mask = load_mask(s.mask_path, (w, h)) if s.mask_path else np.zeros((h, w), bool)
-                rows.append({"path": str(s.path), "defect_type": s.defect_type, "label": s.label,
-                             "score": p.score, "decision": int(p.is_anomalous)})
-                if on_result is not None:
-                    on_result(s, p, mask)
-                yield {"score": p.score, "label": s.label, "defect_type": s.defect_type,
-                       "map": p.anomaly_map if mask is not None else None, "mask": mask, "roi": r}
-
-    result = evaluate(records(), bins=bins, details=True)
+    rows: list[dict] = []  # one per image, filled while `evaluate` consumes the stream
+    records = _scored_records(predictor, samples, roi_paths, thr, batch_size, has_masks, rows, on_result)
+    result = evaluate(records, bins=bins, details=True)
     overall = result["overall"]
     details = result["details"]
     scores = np.array([r["score"] for r in rows])
@@ -70,21 +52,54 @@ def run_test(predictor: BasePredictor, data, threshold: float | None = None, bat
         "threshold": thr,
         "threshold_source": "override" if threshold is not None else predictor.meta.get("threshold_rule"),
         "at_threshold": threshold_metrics(scores, labels, thr) if thr is not None else None,
-        "binning": {
-            "bins": bins,
-            "value_step": 0.0 if bins is None else 1.0 / bins,
-            "error_bounds": {"overall": details["overall"]["binning_error_bounds"],
-                             "per_type": {t: d["binning_error_bounds"] for t, d in details["per_type"].items()}},
-        },
+        "binning": _binning(bins, details),
         "images": rows,
     }
     if curves:
-        def pick(d):
-            return {"image": d["image_curves"], "pixel": d["pixel_curves"]}
-
-        report["curves"] = {"overall": pick(details["overall"]),
-                            "per_type": {t: pick(d) for t, d in details["per_type"].items()}}
+        report["curves"] = _curves(details)
     return report
+
+
+def _scored_records(predictor: BasePredictor, samples: list, roi_paths: list, threshold: float | None,
+                    batch_size: int, has_masks: bool, rows: list[dict], on_result):
+    """Score `samples` batch by batch and yield `evaluate`'s records; append each image's row
+    to `rows` and call `on_result` on the way. Nothing outlives its batch but the rows."""
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start:start + batch_size]
+        rois = [None if r is None else roi_for_image(r, image_size_of(s.path)[::-1])
+                for s, r in zip(chunk, roi_paths[start:start + batch_size])]
+        preds = predictor.predict([s.path for s in chunk], threshold=threshold, batch_size=batch_size, roi=rois)
+        for s, p, r in zip(chunk, preds, rois):
+            mask = None
+            # No mask in the whole split, or none for this defective image (allow_missing_masks):
+            # the image counts for image metrics only. A good image's mask is all normal.
+            if has_masks and (s.label == 0 or s.mask_path is not None):
+                h, w = p.anomaly_map.shape
+                mask = load_mask(s.mask_path, (w, h)) if s.mask_path else np.zeros((h, w), bool)
+            rows.append({"path": str(s.path), "defect_type": s.defect_type, "label": s.label,
+                         "score": p.score, "decision": int(p.is_anomalous)})
+            if on_result is not None:
+                on_result(s, p, mask)
+            yield {"score": p.score, "label": s.label, "defect_type": s.defect_type,
+                   "map": p.anomaly_map if mask is not None else None, "mask": mask, "roi": r}
+
+
+def _binning(bins: int | None, details: dict) -> dict:
+    """The report's `binning` entry: the histogram resolution and the error bounds it implies."""
+    return {
+        "bins": bins,
+        "value_step": 0.0 if bins is None else 1.0 / bins,
+        "error_bounds": {"overall": details["overall"]["binning_error_bounds"],
+                         "per_type": {t: d["binning_error_bounds"] for t, d in details["per_type"].items()}},
+    }
+
+
+def _curves(details: dict) -> dict:
+    """The report's `curves` entry: image and pixel curve points, overall and per defect type."""
+    def pick(d):
+        return {"image": d["image_curves"], "pixel": d["pixel_curves"]}
+
+    return {"overall": pick(details["overall"]), "per_type": {t: pick(d) for t, d in details["per_type"].items()}}
 
 
 def summary_lines(report: dict) -> list[str]:

@@ -1,8 +1,7 @@
 """ONNX export and ONNX Runtime inference.
 
 `export_onnx` writes one self-describing `.onnx` file: the inference networks plus the score rule
-in one graph (input `image` (B, C, S, S) float in [0, 1]; outputs `anomaly_map` (B, n, S, S), whose
-channel 0 is the anomaly map and the others the coarser views of `ModelConfig.score_scales`, and
+in one graph (input `image` (B, C, S, S) float in [0, 1]; outputs `anomaly_map` (B, 1, S, S) and
 `score` (B,)), with the preprocessing contract, score rule, threshold and the model's full
 config.json in the file's metadata. Before the file is written, the exported graph is run in ONNX
 Runtime on check images and compared with PyTorch; a disagreement is an error, not a file.
@@ -19,47 +18,44 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from . import __version__
 from .config import ModelConfig
 from .errors import GRDNetError
+from .files import atomic_write
+from .model import GRDNet
 from .modelfile import CONFIG, load_model, parse_config, read_config
-from .scoring import BasePredictor, InferenceNet, image_scores, trained_on_tiles
+from .scoring import BasePredictor, image_scores, trained_on_tiles
+from .version import __version__
 
 FORMAT = "grdnet-onnx"
-FORMAT_VERSION = 2  # 2: anomaly_map has a channel per score scale
+FORMAT_VERSION = 2  # 2: anomaly_map (B, n, S, S), channel 0 the map (files of this grdnet: n = 1)
 DEFAULT_OPSET = 18  # ONNX Runtime >= 1.14, TensorRT, OpenVINO all read it
 PARITY_TOLERANCE = 1e-4  # max abs difference between PyTorch and ONNX Runtime maps and scores
 INPUT, OUTPUTS = "image", ("anomaly_map", "score")
 
 
 class ScoredNet(nn.Module):
-    """The exported graph: images (B, C, S, S) in [0, 1] -> (anomaly maps (B, n, S, S), scores (B,))."""
+    """The exported graph: images (B, C, S, S) in [0, 1] -> (anomaly maps (B, 1, S, S), scores (B,))."""
 
-    def __init__(self, net: InferenceNet, cfg: ModelConfig):
+    def __init__(self, net: GRDNet, cfg: ModelConfig):
         super().__init__()
         self.net, self.cfg = net, cfg
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         maps = self.net(x)
-        return maps, image_scores(maps, self.cfg)
+        return maps, image_scores(maps, self.cfg.score_kernel)
 
 
 def contract(cfg: ModelConfig, meta: dict, config_text: str) -> dict[str, str]:
     """The metadata written into the .onnx file: what a caller must do to feed it and read it."""
     s, c = cfg.image_size, cfg.channels
-    if cfg.score_rule == "max_pool":
-        rule = (f"max_pool: maximum of the anomaly map average-pooled with a {cfg.score_kernel}x{cfg.score_kernel} "
-                f"box (stride 1, padding {cfg.score_kernel // 2}, padding not counted)")
-    else:
-        rule = f"topk_mean: mean of the top {cfg.score_topk:g} fraction of anomaly-map pixels"
+    rule = (f"max_pool: maximum of the anomaly map average-pooled with a {cfg.score_kernel}x{cfg.score_kernel} "
+            f"box (stride 1, padding {cfg.score_kernel // 2}, padding not counted)")
     threshold = meta.get("threshold")
     return {
         "format": FORMAT,
@@ -73,15 +69,11 @@ def contract(cfg: ModelConfig, meta: dict, config_text: str) -> dict[str, str]:
                   "grayscale: PIL 'L' (ITU-R 601-2 luma) of colour images")
                  + "; transparent pixels composited onto black",
         "resize": resize_contract(cfg),
-        "outputs": f"anomaly_map: float32 (batch, {len(cfg.score_scales)}, {s}, {s}) anomaly probability in [0, 1], "
-                   "channel 0 the anomaly map, the others used for the score only; score: float32 (batch,) image score",
+        "outputs": f"anomaly_map: float32 (batch, 1, {s}, {s}) anomaly probability in [0, 1]; "
+                   "score: float32 (batch,) image score",
         "flip_average": ("true: inside the graph, the map is the mean over the image and its horizontal, "
                          "vertical and double flip (4 network passes per image)" if cfg.flip_average else "false"),
         "score_rule": rule,
-        "score_scales": (f"the score is the mean of the score rule over the channels of anomaly_map: the map of "
-                         f"the image and of the image downscaled (bilinear, antialiased) to "
-                         f"{', '.join(f'{v}x{v}' for v in cfg.score_sizes)}, each map resized back to {s}x{s} "
-                         "(bilinear)" if cfg.score_sizes else "1.0: the score rule on the anomaly map alone"),
         "threshold": "none" if threshold is None else repr(float(threshold)),
         "threshold_rule": str(meta.get("threshold_rule", "none")),
         "decision": "defective if score >= threshold",
@@ -118,6 +110,43 @@ def _check_inputs(cfg: ModelConfig) -> torch.Tensor:
     return torch.cat([noise, flat, ramp])
 
 
+def _trace(scored: ScoredNet, cfg: ModelConfig, opset: int, where):
+    """The ONNX program of the scored network, at exactly `opset`, with a dynamic batch size."""
+    example = torch.rand(2, cfg.channels, cfg.image_size, cfg.image_size)
+    # The exporter warns about optional torchvision operators we never use.
+    registration_log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration_log.level
+    registration_log.setLevel(logging.ERROR)
+    try:
+        program = torch.onnx.export(scored, (example,), None, dynamo=True, verbose=False, opset_version=opset,
+                                    input_names=[INPUT], output_names=list(OUTPUTS),
+                                    dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
+    except Exception as e:
+        raise GRDNetError(f"{where}: ONNX export at opset {opset} failed ({str(e).splitlines()[0]})") from None
+    finally:
+        registration_log.setLevel(level)
+    proto = program.model_proto
+    got = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if got != opset:  # the exporter falls back to its lowest supported opset without saying so
+        raise GRDNetError(f"{where}: cannot export at ONNX opset {opset} (the exporter produced opset {got}); "
+                          "use 17 or newer")
+    return proto
+
+
+def _parity(proto, scored: ScoredNet, cfg: ModelConfig, where, out: Path) -> dict:
+    """Run the exported graph in ONNX Runtime on check images beside PyTorch; a disagreement is an error."""
+    x = _check_inputs(cfg)
+    with torch.inference_mode():
+        ref_maps, ref_scores = scored(x)
+    maps, scores = _session(proto.SerializeToString(), threads=None, where=out).run(list(OUTPUTS), {INPUT: x.numpy()})
+    map_diff = float(np.abs(maps - ref_maps.numpy()).max())
+    score_diff = float(np.abs(scores - ref_scores.numpy()).max())
+    if not (map_diff <= PARITY_TOLERANCE and score_diff <= PARITY_TOLERANCE):
+        raise GRDNetError(f"{where}: the ONNX export disagrees with PyTorch (max map difference {map_diff:.2e}, "
+                          f"score {score_diff:.2e}); nothing written")
+    return {"images": len(x), "max_abs_map_diff": map_diff, "max_abs_score_diff": score_diff}
+
+
 def export_onnx(model_path, out_file=None, opset: int = DEFAULT_OPSET) -> Path:
     """Export a model folder (or run folder) to one `.onnx` file; returns its path.
 
@@ -134,54 +163,18 @@ def export_onnx(model_path, out_file=None, opset: int = DEFAULT_OPSET) -> Path:
     if out.is_dir():
         raise GRDNetError(f"{out}: is a folder; give a file name ending in .onnx")
     scored = ScoredNet(net, cfg).eval()
-    example = torch.rand(2, cfg.channels, cfg.image_size, cfg.image_size)
-    # The exporter warns about optional torchvision operators we never use.
-    registration_log = logging.getLogger("torch.onnx._internal.exporter._registration")
-    level = registration_log.level
-    registration_log.setLevel(logging.ERROR)
-    try:
-        program = torch.onnx.export(scored, (example,), None, dynamo=True, verbose=False, opset_version=opset,
-                                    input_names=[INPUT], output_names=list(OUTPUTS),
-                                    dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
-    except Exception as e:
-        raise GRDNetError(f"{folder}: ONNX export at opset {opset} failed ({str(e).splitlines()[0]})") from None
-    finally:
-        registration_log.setLevel(level)
-    proto = program.model_proto
-    got = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
-    if got != opset:  # the exporter falls back to its lowest supported opset without saying so
-        raise GRDNetError(f"{folder}: cannot export at ONNX opset {opset} (the exporter produced opset {got}); "
-                          "use 17 or newer")
+    proto = _trace(scored, cfg, opset, folder)
     proto.graph.doc_string = f"grdnet {__version__} anomaly detector: {INPUT} -> {', '.join(OUTPUTS)}"
     onnx.checker.check_model(proto)
-
-    x = _check_inputs(cfg)
-    with torch.inference_mode():
-        ref_maps, ref_scores = scored(x)
-    session = _session(proto.SerializeToString(), threads=None, where=out)
-    maps, scores = session.run(list(OUTPUTS), {INPUT: x.numpy()})
-    map_diff = float(np.abs(maps - ref_maps.numpy()).max())
-    score_diff = float(np.abs(scores - ref_scores.numpy()).max())
-    if not (map_diff <= PARITY_TOLERANCE and score_diff <= PARITY_TOLERANCE):
-        raise GRDNetError(f"{folder}: the ONNX export disagrees with PyTorch (max map difference {map_diff:.2e}, "
-                          f"score {score_diff:.2e}); nothing written")
+    check = _parity(proto, scored, cfg, folder, out)
     props = contract(cfg, meta, config_text)
-    props["export_check"] = json.dumps({"images": len(x), "max_abs_map_diff": map_diff,
-                                        "max_abs_score_diff": score_diff, "opset": opset,
-                                        "torch": torch.__version__})
+    props["export_check"] = json.dumps({**check, "opset": opset, "torch": torch.__version__})
     del proto.metadata_props[:]
     for k, v in props.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = k, v
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(proto.SerializeToString())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(out) as f:
+        f.write(proto.SerializeToString())
     return out
 
 

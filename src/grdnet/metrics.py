@@ -17,6 +17,7 @@ scikit-learn, so the exact-mode numbers equal ``roc_auc_score`` and
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -424,13 +425,39 @@ def evaluate(
         Each defect type is scored against all good images (the usual MVTec AD per-category
         breakdown), so its ``n_images`` counts its own images plus the good ones.
     """
+    good, by_type = _accumulate(records, bins, fpr_limit)
+    names = sorted(by_type)
+    per_type = {
+        name: _summarize(good.scores, by_type[name].scores, good.pixels.merge(by_type[name].pixels), details)
+        for name in names
+    }
+    all_pixels = good.pixels
+    for name in names:
+        all_pixels = all_pixels.merge(by_type[name].pixels)
+    all_defective = [s for name in names for s in by_type[name].scores]
+    overall = _summarize(good.scores, all_defective, all_pixels, details)
+    result: dict[str, Any] = {"overall": overall[0], "per_type": {k: v[0] for k, v in per_type.items()}}
+    if details:
+        result["details"] = {"overall": overall[1], "per_type": {k: v[1] for k, v in per_type.items()}}
+    return result
+
+
+@dataclass
+class _Group:
+    """The scores and pixel accumulator of one group of images: the good ones, or one defect type's."""
+
+    scores: list[float]
+    pixels: PixelMetrics
+
+
+def _accumulate(
+    records: Iterable[Mapping[str, Any]], bins: int | None, fpr_limit: float,
+) -> tuple[_Group, dict[str, _Group]]:
+    """Read the records once, into the good images' group and one group per defect type."""
     # Good images go in one accumulator that is merged into every type's at the end: each map
     # is binned once, and a type first seen after some good images still gets all of them.
-    good_scores: list[float] = []
-    good_pixels = PixelMetrics(bins, fpr_limit)
-    type_scores: dict[str, list[float]] = {}
-    type_pixels: dict[str, PixelMetrics] = {}
-
+    good = _Group([], PixelMetrics(bins, fpr_limit))
+    by_type: dict[str, _Group] = {}
     for i, record in enumerate(records):
         label, defect_type = record["label"], str(record["defect_type"])
         if label not in (0, 1) or (label == 0) != (defect_type == "good"):
@@ -439,11 +466,10 @@ def evaluate(
                 "(good images must have label 0 and defect_type 'good')"
             )
         if label == 0:
-            scores, pixels = good_scores, good_pixels
+            group = good
         else:
-            scores = type_scores.setdefault(defect_type, [])
-            pixels = type_pixels.setdefault(defect_type, PixelMetrics(bins, fpr_limit))
-        scores.append(float(record["score"]))
+            group = by_type.setdefault(defect_type, _Group([], PixelMetrics(bins, fpr_limit)))
+        group.scores.append(float(record["score"]))
         anomaly_map = record.get("map")
         if anomaly_map is not None:
             mask = record.get("mask")
@@ -451,28 +477,19 @@ def evaluate(
                 if label == 1:
                     raise ValueError(f"record {i}: defective image has an anomaly map but no mask")
                 mask = np.zeros(np.shape(anomaly_map), dtype=bool)
-            pixels.update(anomaly_map, mask, record.get("roi"))
+            group.pixels.update(anomaly_map, mask, record.get("roi"))
+    return good, by_type
 
-    def summary(defective_scores: list[float], pixels: PixelMetrics) -> tuple[dict, dict]:
-        labels = np.r_[np.zeros(len(good_scores)), np.ones(len(defective_scores))]
-        scores = good_scores + defective_scores
-        metrics = {**image_metrics(scores, labels), **pixels.compute(), "n_images": len(labels)}
-        extra = {}
-        if details:
-            extra = {"binning_error_bounds": pixels.binning_error_bounds(),
-                     "image_curves": image_curves(scores, labels), "pixel_curves": pixels.curves()}
-        return metrics, extra
 
-    per_type = {
-        name: summary(type_scores[name], good_pixels.merge(type_pixels[name]))
-        for name in sorted(type_scores)
-    }
-    all_pixels = good_pixels
-    for name in sorted(type_pixels):
-        all_pixels = all_pixels.merge(type_pixels[name])
-    all_defective = [s for name in sorted(type_scores) for s in type_scores[name]]
-    overall = summary(all_defective, all_pixels)
-    result: dict[str, Any] = {"overall": overall[0], "per_type": {k: v[0] for k, v in per_type.items()}}
+def _summarize(good_scores: list[float], defective_scores: list[float], pixels: PixelMetrics,
+               details: bool) -> tuple[dict, dict]:
+    """The metrics of the good images against `defective_scores`, `pixels` holding the maps of
+    both; and, with `details`, their error bounds and curves (else an empty dict)."""
+    labels = np.r_[np.zeros(len(good_scores)), np.ones(len(defective_scores))]
+    scores = good_scores + defective_scores
+    metrics = {**image_metrics(scores, labels), **pixels.compute(), "n_images": len(labels)}
+    extra = {}
     if details:
-        result["details"] = {"overall": overall[1], "per_type": {k: v[1] for k, v in per_type.items()}}
-    return result
+        extra = {"binning_error_bounds": pixels.binning_error_bounds(),
+                 "image_curves": image_curves(scores, labels), "pixel_curves": pixels.curves()}
+    return metrics, extra

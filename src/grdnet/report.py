@@ -22,12 +22,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from . import __version__
 from .data import category_dirs, open_image, pil_to_array
+from .describe import describe_model
 from .errors import GRDNetError
 from .evaluation import run_test, write_json
 from .modelfile import resolve_model_dir
 from .scoring import Predictor
+from .version import __version__
 from .visualize import overlay
 
 log = logging.getLogger(__name__)
@@ -158,17 +159,6 @@ def _plot(report: dict, curves: dict, out: Path) -> None:
 # --------------------------------------------------------------------------- one category
 
 
-def model_info(model_path, predictor: Predictor) -> dict:
-    """Which model: its folder, input size, score rule, training data and threshold rule."""
-    meta, training = predictor.meta, predictor.meta.get("training", {})
-    return {"path": str(resolve_model_dir(model_path).resolve()) if model_path is not None else None,
-            "image_size": predictor.cfg.image_size, "channels": predictor.cfg.channels,
-            "score_rule": predictor.cfg.score_rule, "score_scales": list(predictor.cfg.score_scales),
-            "aspect": predictor.cfg.aspect, "trained_on": training.get("data"),
-            "trained_until": training.get("finished"), "epochs": training.get("epochs"),
-            "threshold_rule": meta.get("threshold_rule"), "calibration": meta.get("calibration")}
-
-
 def write_report(predictor: Predictor, data, out, *, model_path=None, threshold: float | None = None,
                  allow_missing_masks: bool = False, gallery_size: int = 6, batch_size: int = 16,
                  roi=None, roi_default=None) -> dict:
@@ -180,7 +170,7 @@ def write_report(predictor: Predictor, data, out, *, model_path=None, threshold:
                       allow_missing_masks=allow_missing_masks, on_result=gallery, curves=True,
                       roi=roi, roi_default=roi_default)
     curves = report.pop("curves")
-    report["model"] = model_info(model_path, predictor)
+    report["model"] = describe_model(predictor, None if model_path is None else resolve_model_dir(model_path))
     report["created"] = dt.datetime.now().isoformat(timespec="seconds")
     report["grdnet"] = __version__
     (out / "gallery").mkdir(parents=True, exist_ok=True)
@@ -223,89 +213,101 @@ img.plot{max-width:100%;border:1px solid #eee}code{font-size:.9em;word-break:bre
 
 
 def _html(report: dict) -> str:
+    """The report folder's index.html: figures, tables and gallery, linked relatively."""
     e = html.escape
-    m, at, b = report["metrics"], report.get("at_threshold"), report["binning"]
-    model = report["model"]
-
-    def metric_row(name, metrics, n):
-        cells = "".join(f"<td>{_fmt(metrics.get(k))}</td>" for k, _ in TABLE_COLUMNS)
-        return f"<tr><td>{e(name)}</td>{cells}<td>{n}</td></tr>"
-
     head = "".join(f"<th>{t}</th>" for _, t in TABLE_COLUMNS)
-    rows = [metric_row("all", m, m["n_images"])]
-    rows += [metric_row(t, v, v["n_images"]) for t, v in sorted(report["per_type"].items())]
-    bounds = b["error_bounds"]["overall"]
-    if b["bins"] is None:
-        binning = "Pixel metrics computed exactly (no binning)."
-    else:
-        binning = (f"Pixel metrics computed from {b['bins']}-bin histograms of the anomaly maps (value step "
-                   f"{b['value_step']:g}). Largest possible difference from the exact values, from these "
-                   f"histograms: pixel AUROC &plusmn;{_fmt(bounds.get('pixel_auroc'), 5)}, pixel AP "
-                   f"&plusmn;{_fmt(bounds.get('pixel_ap'), 5)}, AUPRO &plusmn;{_fmt(bounds.get('aupro'), 5)} "
-                   "(per-type bounds in report.json).")
-    if at:
-        decision = (f"<table><tr><th>threshold</th><th>precision</th><th>recall</th><th>F1</th><th>TP</th>"
-                    f"<th>FP</th><th>TN</th><th>FN</th></tr><tr><td>{at['threshold']:.4f}</td>"
-                    f"<td>{_fmt(at['precision'])}</td><td>{_fmt(at['recall'])}</td><td>{_fmt(at['f1'])}</td>"
-                    f"<td>{at['tp']}</td><td>{at['fp']}</td><td>{at['tn']}</td><td>{at['fn']}</td></tr></table>")
-    else:
-        decision = "<p>The model has no threshold: no decisions were made.</p>"
-
-    def cards(kind):
-        items = [g for g in report["gallery"] if g["kind"] == kind]
-        if not items:
-            return "<p class='note'>none</p>"
-        out = []
-        for g in items:
-            if kind == "miss":
-                verdict = ("<span class='bad'>missed</span>" if not g["decision"]
-                           else "<span class='ok'>detected</span> (among the lowest scores)")
-            else:
-                verdict = ("<span class='bad'>false alarm</span>" if g["decision"]
-                           else "<span class='ok'>passed</span> (among the highest scores)")
-            contour = "" if g["has_mask"] or kind == "alarm" else " &middot; no mask"
-            out.append(f"<div class='card'><a href='{e(g['file'])}'><img src='{e(g['file'])}' alt='{e(g['path'])}'>"
-                       f"</a><div>{e(g['defect_type'])} &middot; score {g['score']:.4f} &middot; {verdict}"
-                       f"{contour}</div><code>{e(g['path'])}</code></div>")
-        return "<div class='grid'>" + "".join(out) + "</div>"
-
-    info = [("model", model.get("path")), ("trained on", model.get("trained_on")),
-            ("input", f"{model['image_size']} px, {model['channels']} channel(s), aspect {model.get('aspect', 'squeeze')}, "
-                      f"score: {model['score_rule']} at scales {', '.join(f'{v:g}' for v in model.get('score_scales', [1.0]))}"),
-            ("test data", report["data"]),
-            ("images", f"{report['n_images']} ({report['n_defective']} defective, "
-                       f"{report['n_images'] - report['n_defective']} good)"),
-            ("threshold", "none" if report["threshold"] is None else f"{report['threshold']:.6f}"),
-            ("threshold rule", report.get("threshold_source")),
-            ("created", f"{report['created']} by grdnet {report['grdnet']}")]
-    meta = "".join(f"<tr><th>{e(k)}</th><td>{e(str(v))}</td></tr>" for k, v in info)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>grdnet report: {e(Path(report['data']).name)}</title>
 <style>{_CSS}</style></head><body>
 <h1>grdnet evaluation: {e(Path(report['data']).name)}</h1>
-<table class="meta">{meta}</table>
+<table class="meta">{_about_rows(report)}</table>
 <p class="note">Files: <a href="report.json">report.json</a> (all metrics) &middot;
 <a href="images.csv">images.csv</a> (one row per image: path, defect type, label, score, decision)</p>
 <h2>Decisions at the stored threshold</h2>
 <p class="note">An image is flagged defective when its score is &ge; the threshold. The threshold was
 not fitted on this test set (rule above).</p>
-{decision}
+{_decision_table(report.get("at_threshold"))}
 <h2>Metrics</h2>
 <p class="note">Each defect type is scored against all good images (the usual MVTec AD breakdown).
 AUPRO: area under the per-region-overlap curve up to 30% false-positive rate, normalised.</p>
-<table><tr><th>defect type</th>{head}<th>images</th></tr>{''.join(rows)}</table>
-<p class="note">{binning}</p>
+<table><tr><th>defect type</th>{head}<th>images</th></tr>{_metric_rows(report)}</table>
+<p class="note">{_binning_note(report["binning"])}</p>
 <h2>Curves</h2>
 <img class="plot" src="roc.png" alt="ROC curves">
 <img class="plot" src="pr.png" alt="precision-recall curves">
 <img class="plot" src="scores.png" alt="score histogram">
 <h2>Worst misses: defective images with the lowest scores</h2>
 <p class="note">Left: the image; right: the anomaly map over it, ground truth outlined in white.</p>
-{cards('miss')}
+{_gallery_cards(report["gallery"], "miss")}
 <h2>False alarms: good images with the highest scores</h2>
-{cards('alarm')}
+{_gallery_cards(report["gallery"], "alarm")}
 </body></html>
 """
+
+
+def _about_rows(report: dict) -> str:
+    """The table at the top: which model, which data, which threshold, when."""
+    model = report["model"]
+    info = [("model", model.get("path")), ("trained on", model.get("trained_on")),
+            ("input", f"{model['image_size']} px, {model['channels']} channel(s), aspect {model.get('aspect', 'squeeze')}, "
+                      f"score: max of the map box-filtered over {model['score_kernel']} px"),
+            ("test data", report["data"]),
+            ("images", f"{report['n_images']} ({report['n_defective']} defective, "
+                       f"{report['n_images'] - report['n_defective']} good)"),
+            ("threshold", "none" if report["threshold"] is None else f"{report['threshold']:.6f}"),
+            ("threshold rule", report.get("threshold_source")),
+            ("created", f"{report['created']} by grdnet {report['grdnet']}")]
+    return "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in info)
+
+
+def _decision_table(at: dict | None) -> str:
+    if not at:
+        return "<p>The model has no threshold: no decisions were made.</p>"
+    return (f"<table><tr><th>threshold</th><th>precision</th><th>recall</th><th>F1</th><th>TP</th>"
+            f"<th>FP</th><th>TN</th><th>FN</th></tr><tr><td>{at['threshold']:.4f}</td>"
+            f"<td>{_fmt(at['precision'])}</td><td>{_fmt(at['recall'])}</td><td>{_fmt(at['f1'])}</td>"
+            f"<td>{at['tp']}</td><td>{at['fp']}</td><td>{at['tn']}</td><td>{at['fn']}</td></tr></table>")
+
+
+def _metric_rows(report: dict) -> str:
+    """One row for all images, then one per defect type."""
+    def row(name, metrics):
+        cells = "".join(f"<td>{_fmt(metrics.get(k))}</td>" for k, _ in TABLE_COLUMNS)
+        return f"<tr><td>{html.escape(name)}</td>{cells}<td>{metrics['n_images']}</td></tr>"
+
+    return "".join([row("all", report["metrics"])] + [row(t, v) for t, v in sorted(report["per_type"].items())])
+
+
+def _binning_note(binning: dict) -> str:
+    if binning["bins"] is None:
+        return "Pixel metrics computed exactly (no binning)."
+    bounds = binning["error_bounds"]["overall"]
+    return (f"Pixel metrics computed from {binning['bins']}-bin histograms of the anomaly maps (value step "
+            f"{binning['value_step']:g}). Largest possible difference from the exact values, from these "
+            f"histograms: pixel AUROC &plusmn;{_fmt(bounds.get('pixel_auroc'), 5)}, pixel AP "
+            f"&plusmn;{_fmt(bounds.get('pixel_ap'), 5)}, AUPRO &plusmn;{_fmt(bounds.get('aupro'), 5)} "
+            "(per-type bounds in report.json).")
+
+
+def _gallery_cards(gallery: list[dict], kind: str) -> str:
+    """The gallery entries of one kind ("miss" or "alarm") as cards linking to their images."""
+    e = html.escape
+    items = [g for g in gallery if g["kind"] == kind]
+    if not items:
+        return "<p class='note'>none</p>"
+    out = []
+    for g in items:
+        if kind == "miss":
+            verdict = ("<span class='bad'>missed</span>" if not g["decision"]
+                       else "<span class='ok'>detected</span> (among the lowest scores)")
+        else:
+            verdict = ("<span class='bad'>false alarm</span>" if g["decision"]
+                       else "<span class='ok'>passed</span> (among the highest scores)")
+        contour = "" if g["has_mask"] or kind == "alarm" else " &middot; no mask"
+        out.append(f"<div class='card'><a href='{e(g['file'])}'><img src='{e(g['file'])}' alt='{e(g['path'])}'>"
+                   f"</a><div>{e(g['defect_type'])} &middot; score {g['score']:.4f} &middot; {verdict}"
+                   f"{contour}</div><code>{e(g['path'])}</code></div>")
+    return "<div class='grid'>" + "".join(out) + "</div>"
 
 
 # --------------------------------------------------------------------------- several categories

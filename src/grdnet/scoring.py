@@ -1,12 +1,17 @@
 """Inference: anomaly maps, image scores and decisions, from a saved model or trained networks.
 
 `BasePredictor` is the one code path used by the Python API, the CLI, the test command and the
-service; its subclasses only compute maps and scores: `Predictor` runs the networks inference needs
-(encoder, decoder, segmenter) in PyTorch, in eval mode, without autograd; `grdnet.export.OnnxPredictor`
-runs the exported ONNX graph.
+service; its subclasses only compute maps and scores: `Predictor` runs `grdnet.model.GRDNet` in
+PyTorch, in eval mode, without autograd; `grdnet.export.OnnxPredictor` runs the exported ONNX graph.
+
+An image is scored in one or two views (`image_views`): the whole image squeezed to the model
+size, native-resolution tiles, or tiles of the image at its own aspect ratio. Each view's map
+comes from the network (which averages flips, `ModelConfig.flip_average`); the image's map is
+the pixel-wise maximum of its views' maps and its score the largest of their scores.
 """
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -16,82 +21,38 @@ from typing import Sequence, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 from PIL import Image
 
 from .config import ModelConfig
 from .data import array_to_tensor, open_image, pil_to_array, resize_to, short_side_size
 from .errors import GRDNetError
-from .model.generator import Decoder, ResEncoder
-from .model.segmenter import Segmenter
+from .model import INFERENCE_PARTS, GRDNet
 
 ImageInput = Union[str, Path, np.ndarray, Image.Image]
 
 
-class InferenceNet(nn.Module):
-    """x (B, C, S, S) in [0, 1] -> anomaly probability maps (B, 1 + len(score_sizes), S, S).
+def image_scores(maps: torch.Tensor, kernel: int) -> torch.Tensor:
+    """Image scores (B,) from maps (B, 1, H, W): the maximum of the map box-filtered with a
+    `kernel`-pixel side (DRAEM's protocol; robust to single hot pixels)."""
+    pooled = F.avg_pool2d(maps, kernel, stride=1, padding=kernel // 2, count_include_pad=False)
+    return pooled.flatten(1).amax(1)
 
-    Holds (and shares, when built from a training run) the generator's first encoder and
-    decoder and the segmenter: the networks inference needs (the segmenter alone, encoder and
-    decoder None, for a model without the GAN). Channel 0 is the anomaly map of x;
-    each further channel is the map of x downscaled to one of `score_sizes`, resized back to S,
-    used only for the image score (`ModelConfig.score_scales`). With `flip_average`, each map is
-    the mean of the maps of the view and its three flips, each flipped back
-    (`ModelConfig.flip_average`).
+
+def image_views(cfg: ModelConfig, hw: tuple[int, int], tile: bool) -> tuple[str, ...]:
+    """The views an image of size `hw` is scored in:
+
+    - "squeeze": the whole image resized to the model size (one network pass, batched);
+    - "native": overlapping model-size tiles at the image's own resolution (`tile`, for images
+      larger than the model);
+    - "keep": the image resized so that its shorter side is the model size, then tiles.
+
+    `ModelConfig.aspect` "keep" scores the "keep" view alone; "both" adds it to the first view of
+    non-square images (squeezing a 600 x 240 image shrinks a crack across it 2.5x more than along).
     """
-
-    def __init__(self, encoder: nn.Module | None, decoder: nn.Module | None, segmenter: nn.Module,
-                 flip_average: bool = False, score_sizes: tuple[int, ...] = ()):
-        super().__init__()
-        self.encoder, self.decoder, self.segmenter = encoder, decoder, segmenter
-        self.flip_average, self.score_sizes = flip_average, tuple(score_sizes)
-
-    @classmethod
-    def build(cls, cfg: ModelConfig) -> "InferenceNet":
-        if not cfg.gan:
-            return cls(None, None, Segmenter(cfg), cfg.flip_average, cfg.score_sizes)
-        return cls(ResEncoder(cfg.channels, cfg.gen_widths, cfg.latent_channels, cfg.unshuffle),
-                   Decoder(cfg.channels, cfg.gen_widths, cfg.latent_channels, cfg.unshuffle), Segmenter(cfg),
-                   cfg.flip_average, cfg.score_sizes)
-
-    def anomaly_map(self, x: torch.Tensor) -> torch.Tensor:
-        """The map of x alone (B, 1, S, S), without flip averaging."""
-        x_hat = None if self.encoder is None else self.decoder(self.encoder(x))
-        return torch.softmax(self.segmenter(x_hat, x), dim=1)[:, 1:2]
-
-    def view_map(self, x: torch.Tensor) -> torch.Tensor:
-        """The map of x (B, 1, S, S), flip-averaged if the model is configured so."""
-        if not self.flip_average:
-            return self.anomaly_map(x)
-        b = x.shape[0]
-        # One batch of four views: the same network cost as four calls, better use of the cores.
-        views = torch.cat([x, x.flip(-1), x.flip(-2), x.flip(-2, -1)])
-        m = self.anomaly_map(views)
-        return (m[:b] + m[b:2 * b].flip(-1) + m[2 * b:3 * b].flip(-2) + m[3 * b:].flip(-2, -1)) / 4
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        maps = [self.view_map(x)]
-        for s in self.score_sizes:
-            small = F.interpolate(x, size=(s, s), mode="bilinear", antialias=True, align_corners=False)
-            maps.append(F.interpolate(self.view_map(small), size=x.shape[-2:], mode="bilinear", align_corners=False))
-        return maps[0] if len(maps) == 1 else torch.cat(maps, 1)  # no copy for the usual single view
-
-
-def image_scores(maps: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
-    """Image scores (B,) from model-resolution maps (B, n, S, S): the score rule on each channel
-    (by default the maximum of the box-filtered map, DRAEM's protocol, robust to single hot
-    pixels), averaged over the channels (the views of `ModelConfig.score_scales`)."""
-    b, n = maps.shape[:2]
-    maps = maps.reshape(b * n, 1, *maps.shape[-2:])
-    if cfg.score_rule == "topk_mean":
-        flat = maps.flatten(1)
-        k = max(1, int(round(cfg.score_topk * flat.shape[1])))
-        scores = flat.topk(k, dim=1).values.mean(1)
-    else:
-        k = cfg.score_kernel
-        pooled = F.avg_pool2d(maps, k, stride=1, padding=k // 2, count_include_pad=False)
-        scores = pooled.flatten(1).amax(1)
-    return scores.reshape(b, n).mean(1)
+    if cfg.aspect == "keep":
+        return ("keep",)
+    first = "native" if tile and max(hw) > cfg.image_size else "squeeze"
+    return (first, "keep") if cfg.aspect == "both" and hw[0] != hw[1] else (first,)
 
 
 @dataclass
@@ -147,8 +108,7 @@ class BasePredictor:
         self.tile, self.tile_overlap = tile, tile_overlap
 
     def _run(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, C, S, S) in [0, 1] -> (maps (B, n, S, S) float, image scores (B,)); channel 0 is the
-        anomaly map, the others the coarser views of `ModelConfig.score_scales`."""
+        """(B, C, S, S) in [0, 1] -> (anomaly maps (B, 1, S, S) float, image scores (B,))."""
         raise NotImplementedError
 
     def maps(self, batch: torch.Tensor) -> torch.Tensor:
@@ -180,44 +140,40 @@ class BasePredictor:
 
     def _predict_batch(self, items, threshold, rois, tile: bool, batch_size: int) -> list[Prediction]:
         thr = self.threshold if threshold is None else threshold
-        size = self.cfg.image_size
         arrays = [to_numpy_image(it, self.cfg.channels) for it in items]
         rois = [None if r is None else np.asarray(r, dtype=bool) for r in rois]
         for (a, path), r in zip(arrays, rois):
             if r is not None and r.shape != a.shape[:2]:
                 raise GRDNetError(f"{path or 'image'}: ROI is {r.shape[1]}x{r.shape[0]} but the image is "
                                   f"{a.shape[1]}x{a.shape[0]}")
-        results: list[Prediction | None] = [None] * len(arrays)
-        aspect = self.cfg.aspect
-        whole = [] if aspect == "keep" else [
-            i for i, (a, _) in enumerate(arrays) if not (tile and max(a.shape[:2]) > size)]
-        for i in sorted(set(range(len(arrays))) - set(whole)):
-            a, path = arrays[i]
-            full, score = self._tiled_map(a, rois[i], batch_size, keep_aspect=aspect == "keep")
-            results[i] = self._decide(full, score, thr, path)
-        if whole:
-            batch = torch.stack([array_to_tensor(arrays[i][0], size) for i in whole])
-            maps, scores = self._run(batch)
-            if any(rois[i] is not None for i in whole):
-                ones = torch.ones(1, *maps.shape[-2:])
-                roi_t = torch.stack([ones if rois[i] is None else resize_to(
-                    torch.from_numpy(rois[i].astype(np.float32))[None], maps.shape[-2:], mode="nearest")
-                    for i in whole])
-                maps = maps * roi_t.to(maps.device)
-                scores = image_scores(maps, self.cfg)
-            scores = scores.float().cpu().numpy()
-            for i, m, s in zip(whole, maps, scores):
-                full = resize_map(m[:1], arrays[i][0].shape[:2])
-                if rois[i] is not None:
-                    full = full * rois[i]
-                results[i] = self._decide(full, float(s), thr, arrays[i][1])
-        if aspect == "both":  # the second view, of every image that is not square (ModelConfig.aspect)
-            for i, (a, path) in enumerate(arrays):
-                if a.shape[0] != a.shape[1]:
-                    full, score = self._tiled_map(a, rois[i], batch_size, keep_aspect=True)
-                    first = results[i]
-                    results[i] = self._decide(np.maximum(first.anomaly_map, full), max(first.score, score), thr, path)
+        views = [image_views(self.cfg, a.shape[:2], tile) for a, _ in arrays]
+        squeezed = self._squeezed_maps([i for i, v in enumerate(views) if "squeeze" in v], arrays, rois)
+        results = []
+        for i, ((a, path), roi) in enumerate(zip(arrays, rois)):
+            found = [squeezed[i] if v == "squeeze" else self._tiled_map(a, roi, batch_size, keep_aspect=v == "keep")
+                     for v in views[i]]
+            full = found[0][0] if len(found) == 1 else np.maximum.reduce([m for m, _ in found])
+            results.append(self._decide(full, max(score for _, score in found), thr, path))
         return results
+
+    def _squeezed_maps(self, which: list[int], arrays, rois) -> dict[int, tuple[np.ndarray, float]]:
+        """The "squeeze" view of the images `which`, in one batch: index -> (map at the image's
+        own size, score)."""
+        if not which:
+            return {}
+        maps, scores = self._run(torch.stack([array_to_tensor(arrays[i][0], self.cfg.image_size) for i in which]))
+        if any(rois[i] is not None for i in which):
+            ones = torch.ones(1, *maps.shape[-2:])
+            roi_t = torch.stack([ones if rois[i] is None else resize_to(
+                torch.from_numpy(rois[i].astype(np.float32))[None], maps.shape[-2:], mode="nearest")
+                for i in which])
+            maps = maps[:, :1] * roi_t.to(maps.device)
+            scores = image_scores(maps, self.cfg.score_kernel)
+        out = {}
+        for i, m, score in zip(which, maps, scores.float().cpu().numpy()):
+            full = resize_map(m[:1], arrays[i][0].shape[:2])
+            out[i] = (full if rois[i] is None else full * rois[i], float(score))
+        return out
 
     @staticmethod
     def _decide(full: np.ndarray, score: float, thr: float | None, path: str | None) -> Prediction:
@@ -249,10 +205,9 @@ class BasePredictor:
         full = (acc / weight)[:h, :w].clamp(0, 1)
         if roi is not None:
             full = full * resize_to(torch.from_numpy(roi.astype(np.float32))[None], (h, w), mode="nearest")[0]
-        # One map pixel is one model pixel here: the score rule (kernel in model pixels, or a
-        # fraction of pixels) applies to the stitched map as is. Only the anomaly map is
-        # stitched: the coarser views of score_scales are whole-image views.
-        score = float(image_scores(full[None, None], self.cfg)[0])
+        # One map pixel is one model pixel here: the score rule (kernel in model pixels) applies
+        # to the stitched map as is.
+        score = float(image_scores(full[None, None], self.cfg.score_kernel)[0])
         full = resize_map(full[None], own_hw)  # back to the image's own size, as the whole-image view
         return (full if roi is None else full * roi), score
 
@@ -282,7 +237,7 @@ class Predictor(BasePredictor):
     >>> result.score, result.label, result.anomaly_map.shape
     """
 
-    def __init__(self, net: InferenceNet, cfg: ModelConfig, threshold: float | None = None,
+    def __init__(self, net: GRDNet, cfg: ModelConfig, threshold: float | None = None,
                  meta: dict | None = None, device: str | torch.device = "cpu", tile: bool = False,
                  tile_overlap: float = 0.25):
         super().__init__(cfg, threshold, meta, tile, tile_overlap)
@@ -304,27 +259,39 @@ class Predictor(BasePredictor):
         if self.device.type == "cpu":
             x = x.contiguous(memory_format=torch.channels_last)
         maps = self.net(x).float()
-        return maps, image_scores(maps, self.cfg)
+        return maps, image_scores(maps, self.cfg.score_kernel)
 
 
-def cpu_inference_net(net: InferenceNet) -> nn.Module:
-    """A copy of `net` (eval mode) for CPU inference: batch norms folded into the convolutions
-    before them, weights in channels-last layout. Measured at the `cpu` preset about 2x faster
-    than plain eager at batch 1 and 1.1-1.3x at batch 16 (benchmarks/speed.py --only variants,
-    docs/PERFORMANCE.md). torch.compile gained at most ~20% more, at batch 1 only, after a cold
-    compile of about a minute per batch shape, so it is not used. A copy, so that networks shared
-    with a training run are left alone; `net` itself if it cannot be traced."""
+def cpu_inference_net(net: GRDNet) -> GRDNet:
+    """A copy of `net`'s inference parts (eval mode) for CPU inference: batch norms folded into
+    the convolutions before them, weights in channels-last layout. Measured at the `cpu` preset
+    about 2x faster than plain eager at batch 1 and 1.1-1.3x at batch 16 (benchmarks/speed.py
+    --only variants); torch.compile gained at most ~20% more, at batch 1 only, after a cold
+    compile of about a minute per batch shape, so it is not used (docs/EXPERIMENTS.md). A copy,
+    so that networks shared with a training run are left alone."""
+    with torch.device("meta"):  # a shell whose parts are all replaced below: no weights allocated
+        fast = GRDNet(net.cfg)
+    for name in INFERENCE_PARTS:
+        part = getattr(net, name)
+        setattr(fast, name, None if part is None else _folded(part))
+    return fast.eval().to(memory_format=torch.channels_last)
+
+
+def _folded(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `module` with its batch norms folded (torch.fx), or, where it cannot be traced
+    (the segmenter's optional input), a copy whose traceable children are folded."""
     with warnings.catch_warnings():  # the module imports deprecated torch.jit helpers it does not use here
         warnings.simplefilter("ignore", DeprecationWarning)
         from torch.fx.experimental.optimization import fuse
 
-    # Each network is folded on its own: traced as a whole, a network called once per score
-    # scale would have its batch norms folded into the same convolution once per call.
     try:
-        parts = [None if m is None else fuse(m) for m in (net.encoder, net.decoder, net.segmenter)]
-    except Exception:  # tracing fails on data-dependent control flow: keep the plain network
-        return net
-    return InferenceNet(*parts, net.flip_average, net.score_sizes).to(memory_format=torch.channels_last)
+        return fuse(module)
+    except Exception:  # symbolic tracing fails on control flow that depends on the inputs
+        clone = copy.deepcopy(module)
+        for name, child in module.named_children():
+            if any(isinstance(m, torch.nn.BatchNorm2d) for m in child.modules()):
+                setattr(clone, name, _folded(child))
+        return clone
 
 
 def trained_on_tiles(meta: dict) -> bool:

@@ -1,4 +1,5 @@
-"""Generator G: residual encoder -> decoder -> second encoder (GANomaly-style, fully convolutional).
+"""The generator's networks: residual encoder and decoder (GANomaly-style, fully convolutional);
+G = encoder -> decoder -> second encoder is assembled in `grdnet.model.GRDNet`.
 
 Each stage halves (encoder) or doubles (decoder) the resolution with two pre-activation residual
 blocks (ResNet-V2): the first with a projection skip, the second with an identity skip. The latent
@@ -9,8 +10,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 import torch.nn.functional as F
-
-from ..config import ModelConfig
 
 
 def act() -> nn.Module:
@@ -81,22 +80,3 @@ class Decoder(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.out(self.stages(self.inp(z))))
-
-
-class Generator(nn.Module):
-    """`z = E1(x)`, `x_hat = Dec(z)`, `z_hat = E2(x_hat)`; E2 has E1's architecture, its own weights."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.encoder = ResEncoder(cfg.channels, cfg.gen_widths, cfg.latent_channels, cfg.unshuffle)
-        self.decoder = Decoder(cfg.channels, cfg.gen_widths, cfg.latent_channels, cfg.unshuffle)
-        self.encoder2 = ResEncoder(cfg.channels, cfg.gen_widths, cfg.latent_channels, cfg.unshuffle)
-
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """The inference path: the second encoder is only needed for the training loss."""
-        return self.decoder(self.encoder(x))
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        z = self.encoder(x)
-        x_hat = self.decoder(z)
-        return x_hat, z, self.encoder2(x_hat)

@@ -6,10 +6,9 @@ for a model folder (or an exported model). All inference runs on one worker thre
 bounded queue (see `batcher`); every error is answered as JSON `{"error": ..., "status": ...}`.
 """
 # No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations, which
-# refer to objects local to create_app.
+# refer to objects local to the functions that register the endpoints.
 import asyncio
 import dataclasses
-import hashlib
 import inspect
 import ipaddress
 import json
@@ -31,8 +30,9 @@ from fastapi.security import APIKeyHeader
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .. import __version__
+from ..describe import describe_model
 from ..errors import GRDNetError
+from ..version import __version__
 from .batcher import MicroBatcher, QueueFull, Scored
 from .uploads import ACCEPTED_TEXT, Upload
 
@@ -121,18 +121,17 @@ def _error(status: int, message: str, headers: dict | None = None) -> JSONRespon
 
 # ---- model metadata ----------------------------------------------------------------------------
 
-def model_info(predictor, name: str | None) -> dict:
-    """What `GET /model` shows: the config, threshold and its rule, and the training summary,
-    without server paths (only the training data folder's name)."""
-    cfg = dataclasses.asdict(predictor.cfg)
-    meta = json.loads(json.dumps(predictor.meta or {}, default=str))
-    training = meta.get("training")
+def _public_description(predictor, name: str | None) -> dict:
+    """What `GET /model` shows: the model's description (`describe_model`) without server paths:
+    no model folder, and of the training data folder only its name."""
+    info = {**describe_model(predictor), "name": name}
+    del info["path"]
+    training = info.get("training")
     if isinstance(training, dict) and training.get("data"):
         training["data"] = Path(str(training["data"])).name
-    ident = hashlib.sha256(json.dumps({"model": cfg, **meta}, sort_keys=True, default=str).encode()).hexdigest()
-    return {**meta, "model_id": ident[:12], "name": name, "image_size": cfg.get("image_size"),
-            "channels": cfg.get("channels"), "threshold": predictor.threshold,
-            "threshold_rule": meta.get("threshold_rule"), "config": cfg}
+    if info["trained_on"]:
+        info["trained_on"] = Path(str(info["trained_on"])).name
+    return info
 
 
 # ---- limits ------------------------------------------------------------------------------------
@@ -170,13 +169,11 @@ class BodyLimit:
 def create_app(predictor, settings: ServeSettings | None = None) -> FastAPI:
     """The service for one loaded model (see the module doc for what `predictor` must offer)."""
     settings = settings or ServeSettings()
-    info = model_info(predictor, settings.model_name)
+    info = _public_description(predictor, settings.model_name)
     info["limits"] = {"max_upload_mb": settings.max_upload_mb, "max_pixels": settings.max_pixels,
                       "max_files": settings.max_files, "max_batch": settings.max_batch,
                       "queue_size": settings.queue_size, "formats": ACCEPTED_TEXT}
-    model_id = info["model_id"]
     batcher = MicroBatcher(predictor, settings.max_batch, settings.queue_size, settings.max_pixels)
-    started = time.time()
 
     @asynccontextmanager
     async def lifespan(app):
@@ -191,18 +188,31 @@ def create_app(predictor, settings: ServeSettings | None = None) -> FastAPI:
                      '`{"error": "...", "status": N}`.'))
     app.state.batcher = batcher
     app.add_middleware(BodyLimit, max_bytes=int(settings.max_upload_mb * 2 ** 20), max_mb=settings.max_upload_mb)
+    require_key = _key_check(settings.api_key)
+    _add_error_handlers(app)
+    _add_inference_routes(app, predictor, batcher, settings, info["model_id"], require_key)
+    _add_status_routes(app, batcher, settings, info, require_key)
+    _add_page_routes(app)
+    return app
 
+
+def _key_check(api_key: str | None):
+    """The dependency that guards /predict* and /model: 401 unless X-API-Key is `api_key` (when set)."""
     key_header = APIKeyHeader(name="X-API-Key", auto_error=False,
                               description="required when the service was started with an API key")
 
     def require_key(key: Annotated[str | None, Security(key_header)] = None):
-        if settings.api_key is None:
+        if api_key is None:
             return
-        if key is None or not secrets.compare_digest(key.encode(), settings.api_key.encode()):
+        if key is None or not secrets.compare_digest(key.encode(), api_key.encode()):
             raise HTTPException(401, "missing or wrong API key (send it in the X-API-Key header)")
 
-    # -- errors: always JSON, never a stack trace --
+    return require_key
 
+
+# ---- errors: always JSON, never a stack trace --------------------------------------------------
+
+def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
         message = str(exc.detail)
@@ -232,44 +242,54 @@ def create_app(predictor, settings: ServeSettings | None = None) -> FastAPI:
         log.error("internal error on %s", request.url.path, exc_info=exc)
         return _error(500, "internal error (see the server log)")
 
-    # -- inference --
 
-    async def run(uploads: list[Upload], overlay: bool):
-        t0 = time.perf_counter()
-        try:
-            future = batcher.submit(uploads, overlay)
-        except QueueFull:
-            raise HTTPException(503, f"busy: the inference queue is full ({settings.queue_size} requests "
-                                     "waiting); retry shortly", headers={"Retry-After": "1"}) from None
-        try:
-            result = await asyncio.wrap_future(future)
-        except Exception:
-            log.exception("inference failed")
-            raise HTTPException(500, "inference failed (see the server log)") from None
-        timings = {**result.timings_ms, "total": round((time.perf_counter() - t0) * 1000, 2)}
-        return result, timings
+# ---- inference ---------------------------------------------------------------------------------
 
-    def threshold_used(override: float | None):
-        if override is not None:
-            return override, "request"
-        if predictor.threshold is not None:
-            return float(predictor.threshold), "model"
-        return None, "none"
+async def _infer(batcher: MicroBatcher, queue_size: int, uploads: list[Upload], overlay: bool):
+    """Score `uploads` on the worker: (the batch result, this request's timings in ms)."""
+    t0 = time.perf_counter()
+    try:
+        future = batcher.submit(uploads, overlay)
+    except QueueFull:
+        raise HTTPException(503, f"busy: the inference queue is full ({queue_size} requests "
+                                 "waiting); retry shortly", headers={"Retry-After": "1"}) from None
+    try:
+        result = await asyncio.wrap_future(future)
+    except Exception:
+        log.exception("inference failed")
+        raise HTTPException(500, "inference failed (see the server log)") from None
+    timings = {**result.timings_ms, "total": round((time.perf_counter() - t0) * 1000, 2)}
+    return result, timings
 
-    def item_json(name: str, item, thr: float | None) -> dict:
-        if not isinstance(item, Scored):
-            return {"filename": name, "error": str(item), "status": item.status}
-        score = float(item.prediction.score)
-        if not math.isfinite(score):
-            return {"filename": name, "error": f"{name}: the model produced a non-finite score", "status": 500}
-        flagged = None if thr is None else score >= thr
-        out = {"filename": name, "width": item.width, "height": item.height, "score": score,
-               "label": None if flagged is None else ("defective" if flagged else "good"),
-               "is_anomalous": flagged}
-        if item.overlay_png is not None:
-            out["overlay_png"] = item.overlay_png
-        return out
 
+def _threshold_used(predictor, override: float | None):
+    """(threshold, where it came from): the request's, else the model's, else none."""
+    if override is not None:
+        return override, "request"
+    if predictor.threshold is not None:
+        return float(predictor.threshold), "model"
+    return None, "none"
+
+
+def _item_json(name: str, item, thr: float | None) -> dict:
+    """One image's result (`ItemResult`), or its error (`ItemError`)."""
+    if not isinstance(item, Scored):
+        return {"filename": name, "error": str(item), "status": item.status}
+    score = float(item.prediction.score)
+    if not math.isfinite(score):
+        return {"filename": name, "error": f"{name}: the model produced a non-finite score", "status": 500}
+    flagged = None if thr is None else score >= thr
+    out = {"filename": name, "width": item.width, "height": item.height, "score": score,
+           "label": None if flagged is None else ("defective" if flagged else "good"),
+           "is_anomalous": flagged}
+    if item.overlay_png is not None:
+        out["overlay_png"] = item.overlay_png
+    return out
+
+
+def _add_inference_routes(app: FastAPI, predictor, batcher: MicroBatcher, settings: ServeSettings,
+                          model_id: str, require_key) -> None:
+    """POST /predict and /predict/batch."""
     threshold_q = Query(ge=0.0, le=1.0, description="override the model's threshold for this request")
     overlay_q = Query(description="also return the heatmap overlay as a base64 PNG")
 
@@ -280,9 +300,9 @@ def create_app(predictor, settings: ServeSettings | None = None) -> FastAPI:
                       threshold: Annotated[float | None, threshold_q] = None,
                       overlay: Annotated[bool, overlay_q] = False):
         name = _name(file.filename, 0)
-        result, timings = await run([Upload(name, await file.read())], overlay)
-        thr, source = threshold_used(threshold)
-        item = item_json(name, result.items[0], thr)
+        result, timings = await _infer(batcher, settings.queue_size, [Upload(name, await file.read())], overlay)
+        thr, source = _threshold_used(predictor, threshold)
+        item = _item_json(name, result.items[0], thr)
         if "error" in item:
             raise HTTPException(item["status"], item["error"])
         return {**item, "threshold": thr, "threshold_source": source, "model_id": model_id,
@@ -298,17 +318,23 @@ def create_app(predictor, settings: ServeSettings | None = None) -> FastAPI:
         if len(files) > settings.max_files:
             raise HTTPException(413, f"{len(files)} files in one request; the limit is {settings.max_files}")
         uploads = [Upload(_name(f.filename, i), await f.read()) for i, f in enumerate(files)]
-        result, timings = await run(uploads, overlay)
-        thr, source = threshold_used(threshold)
-        items = [item_json(u.name, it, thr) for u, it in zip(uploads, result.items)]
+        result, timings = await _infer(batcher, settings.queue_size, uploads, overlay)
+        thr, source = _threshold_used(predictor, threshold)
+        items = [_item_json(u.name, it, thr) for u, it in zip(uploads, result.items)]
         return {"model_id": model_id, "threshold": thr, "threshold_source": source, "n_images": len(items),
                 "n_errors": sum("error" in it for it in items), "batch_images": result.batch_images,
                 "timings_ms": timings, "results": items}
 
+
+def _add_status_routes(app: FastAPI, batcher: MicroBatcher, settings: ServeSettings, info: dict,
+                       require_key) -> None:
+    """GET /health and /model."""
+    started = time.time()
+
     @app.get("/health", summary="Liveness and queue depth (no API key needed)")
     async def health():
-        return {"status": "ok", "model_id": model_id, "queue": {"waiting": batcher.depth,
-                                                                "capacity": settings.queue_size},
+        return {"status": "ok", "model_id": info["model_id"], "queue": {"waiting": batcher.depth,
+                                                                        "capacity": settings.queue_size},
                 "uptime_s": round(time.time() - started, 1), "version": __version__}
 
     @app.get("/model", dependencies=[Depends(require_key)], responses=_errors(401),
@@ -316,20 +342,25 @@ def create_app(predictor, settings: ServeSettings | None = None) -> FastAPI:
     async def model():
         return info
 
-    # -- the operator's page: fixed files, same-origin only (works offline) --
 
+# ---- the operator's page: fixed files, same-origin only (works offline) ------------------------
+
+_PAGE_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+               ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml"}
+_PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+             "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+def _add_page_routes(app: FastAPI) -> None:
+    """GET / and /static/{name}: the files in `STATIC`, listed once (nothing else is served)."""
     page_files = {p.name: p for p in STATIC.iterdir() if p.is_file()} if STATIC.is_dir() else {}
-    types = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
-             ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml"}
-    csp = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
-           "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
     def page_file(name: str) -> Response:
         path = page_files.get(name)
         if path is None:
             raise HTTPException(404, f"no such file: {name}")
-        return Response(path.read_bytes(), media_type=types.get(path.suffix, "application/octet-stream"),
-                        headers={"Content-Security-Policy": csp, "X-Content-Type-Options": "nosniff",
+        return Response(path.read_bytes(), media_type=_PAGE_TYPES.get(path.suffix, "application/octet-stream"),
+                        headers={"Content-Security-Policy": _PAGE_CSP, "X-Content-Type-Options": "nosniff",
                                  "Cache-Control": "no-cache"})
 
     @app.get("/", include_in_schema=False)
@@ -339,8 +370,6 @@ def create_app(predictor, settings: ServeSettings | None = None) -> FastAPI:
     @app.get("/static/{name}", include_in_schema=False)
     async def static(name: str):
         return page_file(name)
-
-    return app
 
 
 def _name(filename: str | None, i: int) -> str:

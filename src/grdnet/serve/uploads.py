@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
-from ..data import _to_8bit
+from ..data import to_8bit
 from ..errors import GRDNetError
 
 # Only the formats the rest of grdnet reads (data.IMAGE_EXTENSIONS). Restricting Pillow's plugins
@@ -61,7 +61,7 @@ def decode_upload(upload: Upload, max_pixels: int) -> Image.Image:
             raise UploadError(422, f"{name}: image has no pixels ({w}x{h})")
         try:
             img.load()
-            return img.copy() if img.mode not in ("I;16", "I;16B", "I;16L", "I") else _to_8bit(img)
+            return to_8bit(img)
         except Image.DecompressionBombError as e:
             raise UploadError(413, _over_limit(name, max_pixels, e)) from None
         except Exception as e:  # decoders raise many types on corrupt data; all mean "undecodable"
