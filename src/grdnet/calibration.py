@@ -30,7 +30,8 @@ RULES = ("f1", "quantile")
 
 
 def check_rule(rule: str) -> None:
-    check_rule(rule)
+    if rule not in RULES:
+        raise GRDNetError(f"unknown threshold rule {rule!r}; choose from {', '.join(RULES)}")
 
 
 def labelled_images(folder) -> list[tuple[Path, int]]:

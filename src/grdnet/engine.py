@@ -518,9 +518,9 @@ def train(data, out, model_cfg: ModelConfig, train_cfg: TrainConfig, *, accelera
     loggers = make_loggers(out, loggers, resumed["batches_trained"] if resumed else None, run_doc.get("mlflow_run_id"))
     record = RunRecord(out / "run.json", _run_info(data, out, launch, model_cfg, train_cfg, command, roi, roi_default),
                        resume)
-    trainer = _trainer(launch, train_cfg, loggers, [*found, record, *(callbacks or [])], progress)
     was_deterministic = torch.are_deterministic_algorithms_enabled()  # the Trainer sets it process-wide
     try:
+        trainer = _trainer(launch, train_cfg, loggers, [*found, record, *(callbacks or [])], progress)
         _fit(trainer, out, TrainData(dataset, train_cfg.batch_size, train_cfg.seed, train_cfg.num_workers), module,
              resume)
     finally:
