@@ -33,13 +33,13 @@ from pathlib import Path
 import numpy as np
 
 import grdnet
+from grdnet.data import train_images
 from grdnet.demo_data import make_surface_dataset
 from grdnet.evaluation import run_test
 
 REPO = Path(__file__).resolve().parent.parent
 SETS = ("magnetic_tile", "deeppcb", "surface", "magnetic_tile-30", "deeppcb-30")
 SMALL_N, SMALL_SEED = 30, 0
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 COLUMNS = [("image AUROC", "image_auroc", 3), ("pixel AUROC", "pixel_auroc", 3), ("AUPRO", "aupro", 3),
            ("minutes", "minutes", 1), ("steps", "steps", 0), ("false alarms (test/good)", "false_alarm_rate", 3)]
 WORST = {"image_auroc": min, "pixel_auroc": min, "aupro": min, "minutes": max, "false_alarm_rate": max}
@@ -49,7 +49,7 @@ def small_set(source: Path, dest: Path, n: int = SMALL_N, seed: int = SMALL_SEED
     """`dest`: `n` of `source`'s training images (drawn with default_rng(seed)), its whole test split."""
     if not (source / "train" / "good").is_dir():
         sys.exit(f"quality.py: {source}/train/good not found (see --data-root)")
-    images = sorted(p for p in (source / "train" / "good").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    images = train_images(source)
     if len(images) < n:
         sys.exit(f"quality.py: {source} has {len(images)} training images, fewer than {n}")
     chosen = sorted(np.random.default_rng(seed).choice(len(images), size=n, replace=False))

@@ -118,7 +118,7 @@ def test_cpu_predictor_folds_batch_norms_and_computes_the_same():
     assert batch_norms(p.net) < batch_norms(net)
     got_maps, got_scores = p._run(x)
     assert torch.allclose(got_maps, maps, atol=1e-5)
-    assert torch.allclose(got_scores, image_scores(maps, m.score_kernel), atol=1e-5)
+    assert torch.allclose(got_scores, image_scores(maps, m), atol=1e-5)
     assert p.maps(x).shape == (2, 1, 32, 32)
     pred = p.predict(images[0].numpy())
     assert pred.anomaly_map.shape == (32, 32) and abs(pred.score - float(got_scores[0])) < 1e-5  # uint8 input

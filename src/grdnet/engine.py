@@ -406,7 +406,7 @@ def _callbacks(out: Path, train_cfg: TrainConfig, progress: bool) -> list:
     return found
 
 
-def _run_info(data, out: Path, launch: Launch, model_cfg, train_cfg, command, roi, roi_default) -> dict:
+def _run_info(data, launch: Launch, model_cfg, train_cfg, command, roi, roi_default) -> dict:
     return {
         "grdnet": __version__, "torch": torch.__version__, "lightning": L.__version__, **environment(),
         "started": dt.datetime.now().isoformat(timespec="seconds"), "command": command or sys.argv,
@@ -516,8 +516,7 @@ def train(data, out, model_cfg: ModelConfig, train_cfg: TrainConfig, *, accelera
     run_doc = json.loads((out / "run.json").read_text()) if resume and (out / "run.json").is_file() else {}
     found = _callbacks(out, train_cfg, progress)
     loggers = make_loggers(out, loggers, resumed["batches_trained"] if resumed else None, run_doc.get("mlflow_run_id"))
-    record = RunRecord(out / "run.json", _run_info(data, out, launch, model_cfg, train_cfg, command, roi, roi_default),
-                       resume)
+    record = RunRecord(out / "run.json", _run_info(data, launch, model_cfg, train_cfg, command, roi, roi_default), resume)
     was_deterministic = torch.are_deterministic_algorithms_enabled()  # the Trainer sets it process-wide
     try:
         trainer = _trainer(launch, train_cfg, loggers, [*found, record, *(callbacks or [])], progress)

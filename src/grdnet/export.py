@@ -48,7 +48,7 @@ class ScoredNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         maps = self.net(x)
-        return maps, image_scores(maps, self.cfg.score_kernel)
+        return maps, image_scores(maps, self.cfg)
 
 
 def contract(cfg: ModelConfig, meta: dict, config_text: str) -> dict[str, str]:

@@ -31,9 +31,10 @@ from .model import INFERENCE_PARTS, GRDNet
 ImageInput = Union[str, Path, np.ndarray, Image.Image]
 
 
-def image_scores(maps: torch.Tensor, kernel: int) -> torch.Tensor:
+def image_scores(maps: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     """Image scores (B,) from maps (B, 1, H, W): the maximum of the map box-filtered with a
-    `kernel`-pixel side (DRAEM's protocol; robust to single hot pixels)."""
+    `cfg.score_kernel`-pixel side (DRAEM's protocol; robust to single hot pixels)."""
+    kernel = cfg.score_kernel
     pooled = F.avg_pool2d(maps, kernel, stride=1, padding=kernel // 2, count_include_pad=False)
     return pooled.flatten(1).amax(1)
 
@@ -168,7 +169,7 @@ class BasePredictor:
                 torch.from_numpy(rois[i].astype(np.float32))[None], maps.shape[-2:], mode="nearest")
                 for i in which])
             maps = maps[:, :1] * roi_t.to(maps.device)
-            scores = image_scores(maps, self.cfg.score_kernel)
+            scores = image_scores(maps, self.cfg)
         out = {}
         for i, m, score in zip(which, maps, scores.float().cpu().numpy()):
             full = resize_map(m[:1], arrays[i][0].shape[:2])
@@ -207,7 +208,7 @@ class BasePredictor:
             full = full * resize_to(torch.from_numpy(roi.astype(np.float32))[None], (h, w), mode="nearest")[0]
         # One map pixel is one model pixel here: the score rule (kernel in model pixels) applies
         # to the stitched map as is.
-        score = float(image_scores(full[None, None], self.cfg.score_kernel)[0])
+        score = float(image_scores(full[None, None], self.cfg)[0])
         full = resize_map(full[None], own_hw)  # back to the image's own size, as the whole-image view
         return (full if roi is None else full * roi), score
 
@@ -259,7 +260,7 @@ class Predictor(BasePredictor):
         if self.device.type == "cpu":
             x = x.contiguous(memory_format=torch.channels_last)
         maps = self.net(x).float()
-        return maps, image_scores(maps, self.cfg.score_kernel)
+        return maps, image_scores(maps, self.cfg)
 
 
 def cpu_inference_net(net: GRDNet) -> GRDNet:
@@ -268,7 +269,10 @@ def cpu_inference_net(net: GRDNet) -> GRDNet:
     about 2x faster than plain eager at batch 1 and 1.1-1.3x at batch 16 (benchmarks/speed.py
     --only variants); torch.compile gained at most ~20% more, at batch 1 only, after a cold
     compile of about a minute per batch shape, so it is not used (docs/EXPERIMENTS.md). A copy,
-    so that networks shared with a training run are left alone."""
+    so that networks shared with a training run are left alone; any other network (a map function
+    of one's own) is used as it is."""
+    if not isinstance(net, GRDNet):
+        return net
     with torch.device("meta"):  # a shell whose parts are all replaced below: no weights allocated
         fast = GRDNet(net.cfg)
     for name in INFERENCE_PARTS:
