@@ -95,7 +95,9 @@ def run_one(name: str, data: Path, seed: int, a, overrides: dict) -> dict:
     fa = at["fp"] / (at["fp"] + at["tn"]) if at and at["fp"] + at["tn"] else None
     return {"set": name, "seed": seed, "image_auroc": r["image_auroc"], "pixel_auroc": r["pixel_auroc"],
             "aupro": r["metrics"].get("aupro"), "minutes": training.get("minutes", wall),
-            "steps": training.get("steps"), "false_alarm_rate": fa,
+            "steps": training.get("steps"), "planned_steps": training.get("planned_steps"),
+            "stopped_by": training.get("stopped_by"), "n_train": training.get("n_train"),
+            "n_val": training.get("n_val"), "false_alarm_rate": fa,
             "false_alarms": at and at["fp"], "n_good": at and at["fp"] + at["tn"], "threshold": r["threshold"],
             "per_type_image_auroc": {k: v.get("image_auroc") for k, v in r["per_type"].items()},
             "wall_minutes": wall, "test_minutes": (time.time() - t0) / 60 - wall, "model": str(model)}
@@ -121,7 +123,7 @@ def table(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="cpu")
+    ap.add_argument("--preset", default="cpu", choices=grdnet.config.PRESET_NAMES)
     ap.add_argument("--config", metavar="FILE.json",
                     help="JSON config ({'model': {...}, 'train': {...}}) applied over the preset")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], metavar="S", help="default: 0")

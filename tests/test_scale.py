@@ -23,7 +23,8 @@ from grdnet.cli import main
 from grdnet.config import build_config
 from grdnet.losses import (adversarial_loss, contextual_loss, discriminator_loss, latent_loss,
                            segmentation_loss)
-from grdnet.engine import AtomicCheckpointIO, EpochSampler, ResumableLoader
+from grdnet.config import build_config
+from grdnet.engine import AtomicCheckpointIO, ResumableLoader, RoundSampler, plan_training
 
 PROBE = Path(__file__).with_name("cli_probe.py")
 
@@ -54,7 +55,7 @@ def _test_image(data: Path) -> str:
 
 
 def test_ddp_two_processes_identical_weights_own_defects_one_model_folder(tmp_path):
-    data = write_dataset(tmp_path / "data", n_train=20)
+    data = write_dataset(tmp_path / "data", n_train=24)
     good = sorted((data / "train" / "good").iterdir())
     for p in good[1:]:  # identical images: only augmentation can make the ranks' inputs differ
         p.write_bytes(good[0].read_bytes())
@@ -69,8 +70,11 @@ def test_ddp_two_processes_identical_weights_own_defects_one_model_folder(tmp_pa
     assert r0["params"] == r1["params"]  # gradients averaged, schedulers stepped alike
     assert r0["first_mask_hash"] != r1["first_mask_hash"]  # own synthetic defects
     assert r0["first_input_hash"] != r1["first_input_hash"]  # own augmentation
-    i0, i1 = set(r0["epoch0_indices"]), set(r1["epoch0_indices"])
-    assert not i0 & i1 and i0 | i1 == set(range(18))  # 20 images - 2 held out, sharded without overlap
+    i0, i1 = r0["epoch0_indices"], r1["epoch0_indices"]
+    # 24 images - 6 held out: 9 per rank; rounds of 18 passes make the 40 batches of 4 a round needs
+    assert len(i0) == len(i1) == 9 * 18
+    for k in range(0, 9 * 18, 9):  # each pass sharded without overlap
+        assert not set(i0[k:k + 9]) & set(i1[k:k + 9]) and set(i0[k:k + 9]) | set(i1[k:k + 9]) == set(range(18))
     assert (r0["model_saves"], r1["model_saves"]) == (1, 0)
     assert res.stdout.count("model written to") == 1
     run_info = json.loads((run / "run.json").read_text())
@@ -92,16 +96,17 @@ def _step(ckpt: Path) -> int:
 
 
 def test_sigkill_at_random_moments_then_resume_continues_exactly(tmp_path):
-    """3 epochs x 9 batches = 54 optimiser steps (G and D per batch), checkpoint every 4 steps.
-    Attempt 1 is killed at a random moment, attempt 2 inside a checkpoint write (between the
-    temporary file and the rename), attempt 3 finishes; the result equals an uninterrupted run."""
+    """48 steps (96 optimiser steps: G and D per batch) over 32 images in batches of 4: a round of
+    40 batches (5 passes), then 8 of the next; checkpoint every 4 optimiser steps. Attempt 1 is
+    killed at a random moment, attempt 2 inside a checkpoint write (between the temporary file and
+    the rename), attempt 3 finishes; the result equals an uninterrupted run."""
     data = write_dataset(tmp_path / "data", n_train=40)
     cfg = tmp_path / "cfg.json"
     train_cfg = {"checkpoint_every_n_steps": 4, "log_every_n_steps": 1}
     cfg.write_text(json.dumps({"train": train_cfg}))
     run = tmp_path / "run"
     ckpt = run / "checkpoints" / "last.ckpt"
-    args = [sys.executable, str(PROBE), "train", str(data), "--out", str(run), "--preset", "tiny", "--epochs", "3",
+    args = [sys.executable, str(PROBE), "train", str(data), "--out", str(run), "--preset", "tiny", "--steps", "48",
             "--config", str(cfg), "--deterministic", "--no-progress"]
     delay = random.uniform(0.0, 0.6)
 
@@ -113,7 +118,7 @@ def test_sigkill_at_random_moments_then_resume_continues_exactly(tmp_path):
     proc.communicate()
     assert proc.returncode == -signal.SIGKILL, f"finished before the kill {delay:.2f} s after the first checkpoint"
     step1 = _step(ckpt)  # a complete checkpoint, whatever moment the kill hit
-    assert 4 <= step1 < 54 and step1 % 4 == 0, (step1, delay)
+    assert 4 <= step1 < 96 and step1 % 4 == 0, (step1, delay)
 
     res = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=600,
                          env=_env(GRDNET_PROBE_KILL_IN_CHECKPOINT=2))
@@ -129,16 +134,17 @@ def test_sigkill_at_random_moments_then_resume_continues_exactly(tmp_path):
     attempts = json.loads((run / "run.json").read_text())["attempts"]
     assert [a["start_step"] for a in attempts] == [0, step1, step2]  # Lightning's restored step, not zero
     cfg_doc = json.loads((run / "model" / "config.json").read_text())
-    assert cfg_doc["training"]["steps"] == 54 and cfg_doc["training"]["epochs"] == 3
+    t = cfg_doc["training"]
+    assert (t["steps"], t["optimizer_steps"], t["rounds"], t["n_train"], t["epochs"]) == (48, 96, 2, 32, 6.0)
     assert 0 <= grdnet.load(run).predict(_test_image(data)).score <= 1
 
     rows = list(csv.DictReader(open(run / "logs" / "metrics.csv")))
     steps = [int(r["step"]) for r in rows if r["l_con"]]
     assert steps == sorted(set(steps))  # no step logged twice after the resumes
-    assert len(set(range(27)) - set(steps)) <= 2  # at most a checkpoint step's own row per kill
-    assert len([r for r in rows if r["epoch_loss"]]) == 3
+    assert len(set(range(48)) - set(steps)) <= 2  # at most a checkpoint step's own row per kill
+    assert len([r for r in rows if r["epoch_loss"]]) == 1  # the one finished round
 
-    ref = grdnet.train(data, tmp_path / "ref", preset="tiny", epochs=3, train=train_cfg, deterministic=True,
+    ref = grdnet.train(data, tmp_path / "ref", preset="tiny", steps=48, train=train_cfg, deterministic=True,
                        progress=False)
     assert _same(_weights(run / "model"), _weights(ref))
 
@@ -148,23 +154,24 @@ def test_resume_extends_a_finished_run_and_refuses_other_settings(tiny_dataset, 
     args = ["train", str(tiny_dataset), "--out", str(run), "--preset", "tiny", "--no-progress"]
     assert main(args + ["--resume"]) == 2
     assert "nothing to resume" in capsys.readouterr().err
-    grdnet.train(tiny_dataset, run, preset="tiny", epochs=1, train={"checkpoint_every_n_steps": 2}, progress=False)
+    grdnet.train(tiny_dataset, run, preset="tiny", steps=3, train={"checkpoint_every_n_steps": 2}, progress=False)
     steps1 = json.loads((run / "model" / "config.json").read_text())["training"]["steps"]
+    assert steps1 == 3
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert ckpt["global_step"] == steps1 and ckpt["grdnet"]["model"]["image_size"] == 32
+    assert ckpt["global_step"] == 2 * steps1 and ckpt["grdnet"]["model"]["image_size"] == 32
     spent = ckpt["callbacks"]["Timer"]["time_elapsed"]["train"]  # the time budget used so far
     assert spent > 0
 
-    assert main(args + ["--epochs", "2", "--lr", "0.5", "--resume"]) == 2
+    assert main(args + ["--steps", "6", "--lr", "0.5", "--resume"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "train.lr: 0.001 -> 0.5" in err
 
-    grdnet.train(tiny_dataset, run, preset="tiny", epochs=2, train={"checkpoint_every_n_steps": 2}, resume=True,
+    grdnet.train(tiny_dataset, run, preset="tiny", steps=6, train={"checkpoint_every_n_steps": 2}, resume=True,
                  progress=False)
     doc = json.loads((run / "model" / "config.json").read_text())["training"]
-    assert doc["epochs"] == 2 and doc["steps"] == 2 * steps1
+    assert doc["steps"] == 2 * steps1 and doc["stopped_by"] == "steps"
     assert doc["seconds"] > round(spent, 3)  # both attempts' training time: more than the first's
-    assert [a["start_step"] for a in json.loads((run / "run.json").read_text())["attempts"]] == [0, steps1]
+    assert [a["start_step"] for a in json.loads((run / "run.json").read_text())["attempts"]] == [0, 2 * steps1]  # G and D steps
 
 
 def test_weight_average_is_saved_and_survives_resume(tiny_dataset, tmp_path):
@@ -293,10 +300,11 @@ def test_checkpoint_write_is_atomic(tmp_path):
 
 def test_loader_resumes_mid_epoch_with_the_unseen_batches():
     ds = torch.utils.data.TensorDataset(torch.arange(22))
+    plan = plan_training(22, build_config("tiny", train={"batch_size": 4})[1])
+    assert (plan.passes, plan.round_batches) == (8, 44)  # rounds of at least 40 batches: 8 passes
 
     def loader():
-        return ResumableLoader(ds, batch_size=4, sampler=EpochSampler(ds, num_replicas=1, rank=0, seed=5),
-                               drop_last=True)
+        return ResumableLoader(ds, batch_size=4, sampler=RoundSampler(22, plan, rank=0, seed=5), drop_last=True)
 
     a = loader()
     a.sampler.set_epoch(3)
@@ -309,8 +317,10 @@ def test_loader_resumes_mid_epoch_with_the_unseen_batches():
     b.load_state_dict(state)
     b.sampler.set_epoch(3)
     assert [x[0].tolist() for x in b] == full[2:]
-    b.sampler.set_epoch(4)  # the next epoch is whole again
-    assert len(list(b)) == len(full) == 5
+    b.sampler.set_epoch(4)  # the next round is whole again
+    assert len(list(b)) == len(full) == 44
+    seen = torch.tensor(sum(full, []))
+    assert torch.bincount(seen, minlength=22).tolist() == [8] * 22  # every image once per pass
 
 
 def test_loggers_by_flag(tiny_dataset, tmp_path, capsys):

@@ -25,13 +25,15 @@ def load(path, device: str = "cpu", tile: bool | None = None) -> BasePredictor:
     return Predictor.load(path, device=device, tile=tile)
 
 
-def train(data, out, preset: str = "cpu", *, epochs: int | None = None, max_minutes: float | None = None,
+def train(data, out, preset: str = "cpu", *, steps: int | None = None, epochs: int | None = None, max_minutes: float | None = None,
           image_size: int | None = None, config_file=None, model: dict | None = None,
           train: dict | None = None, roi=None, roi_default=None, val_data=None, val_rule: str = "f1",
           **trainer_args) -> Path:
     """Train a model on `data` (MVTec AD layout: `data/train/good`) into the run folder `out`.
 
-    Returns the model folder (None in DDP processes other than rank 0). `roi`: a folder of ROI
+    Returns the model folder (None in DDP processes other than rank 0). The training length is the
+    preset's number of optimiser `steps` (whatever the number of images), or `steps`, or `epochs`
+    passes over the images; `max_minutes` caps it. `roi`: a folder of ROI
     masks mirroring `data`, or one mask for all images; `roi_default`: the mask for images without
     one. `model`/`train` override preset values (see `ModelConfig`, `TrainConfig`); `trainer_args`
     go to `grdnet.engine.train` (devices, precision, resume, ...).
@@ -51,6 +53,10 @@ def train(data, out, preset: str = "cpu", *, epochs: int | None = None, max_minu
     model, train = dict(model or {}), dict(train or {})
     if image_size is not None:
         model["image_size"] = image_size
+    if steps is not None and epochs is not None:
+        raise GRDNetError("give the training length by steps or by epochs, not both")
+    if steps is not None:
+        train["steps"] = steps
     if epochs is not None:
         train["epochs"] = epochs
     if max_minutes is not None:

@@ -30,7 +30,8 @@ def _quiet():
 def _train_args(p: argparse.ArgumentParser):
     p.add_argument("--preset", default="cpu", help="tiny | cpu | paper (default: cpu)")
     p.add_argument("--image-size", type=int, help="model input size (square), overrides the preset")
-    p.add_argument("--epochs", type=int, help="maximum epochs (default: preset)")
+    p.add_argument("--steps", type=int, help="training length in optimiser steps (default: the preset's)")
+    p.add_argument("--epochs", type=int, help="training length in passes over the training images instead")
     p.add_argument("--max-minutes", type=float, help="time budget; training stops cleanly when it runs out")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
@@ -57,7 +58,9 @@ def _train_args(p: argparse.ArgumentParser):
 
 def _train_overrides(a) -> tuple[dict, dict]:
     model = {k: v for k, v in {"image_size": a.image_size}.items() if v is not None}
-    train = {k: v for k, v in {"epochs": a.epochs, "max_minutes": a.max_minutes, "batch_size": a.batch_size,
+    if a.steps is not None and a.epochs is not None:
+        raise GRDNetError("give the training length by --steps or by --epochs, not both")
+    train = {k: v for k, v in {"steps": a.steps, "epochs": a.epochs, "max_minutes": a.max_minutes, "batch_size": a.batch_size,
                                "lr": a.lr, "seed": a.seed, "texture_dir": a.textures,
                                "roi_mode": a.roi_mode}.items() if v is not None}
     return model, train
@@ -84,8 +87,10 @@ def cmd_train(a) -> int:
         if path is None:  # a DDP rank other than 0: rank 0 writes the run folder and reports
             return
         _, cfg = read_config(path)
-        print(f"model written to {path} (threshold {cfg['threshold']:.4f}, {cfg['training']['epochs']} epochs, "
-              f"{cfg['training']['minutes']} min)", flush=True)
+        t = cfg["training"]
+        print(f"model written to {path} (threshold {cfg['threshold']:.4f}, {t['steps']:,} steps = {t['epochs']:g} "
+              f"epochs, {t['minutes']} min{', stopped by the time budget' if t['stopped_by'] != 'steps' else ''})",
+              flush=True)
 
     cats = category_dirs(a.data, "train/good")
     if not a.all_categories:

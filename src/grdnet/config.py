@@ -57,7 +57,8 @@ class ModelConfig:
 class TrainConfig:
     """Optimisation, synthetic defects, augmentation, loss weights and bookkeeping."""
 
-    epochs: int = 200  # passes over the training images
+    steps: int | None = None  # training length in optimiser steps (batches); None: `epochs` sets it
+    epochs: int | None = 200  # training length in passes over the training images, when `steps` is None
     max_minutes: float | None = None  # wall-clock cap on training
     batch_size: int = 8
     lr: float = 1e-4  # Adam learning rate (generator, discriminator)
@@ -93,7 +94,8 @@ class TrainConfig:
     vflip: bool = True  # augmentation: random vertical flips
     train_crops: bool = False  # train on native-resolution crops (scored with tiles) instead of resizing
     val_fraction: float = 0.1  # good training images held out to calibrate the threshold
-    threshold_quantile: float = 0.99  # threshold = this quantile of the held-out images' scores
+    val_min: int = 8  # at least this many held out (at most a quarter of the images); see calibration.py
+    threshold_quantile: float = 0.99  # the share of good images the threshold is meant to pass
     num_workers: int = 0  # data-loader worker processes
     seed: int = 0
     checkpoint_every_minutes: float = 5.0  # 0: off
@@ -113,71 +115,80 @@ class TrainConfig:
         if min(self.line_share, self.band_share) < 0 or self.line_share + self.band_share > 1:
             raise GRDNetError(f"line_share ({self.line_share}) and band_share ({self.band_share}) are shares: "
                               "each at least 0, together at most 1")
+        if (self.steps is None) == (self.epochs is None):
+            raise GRDNetError("set the training length by steps or by epochs: exactly one of them, "
+                              f"got steps={self.steps}, epochs={self.epochs}")
+        if (self.steps or self.epochs) < 1:
+            raise GRDNetError(f"the training length must be positive, got steps={self.steps}, epochs={self.epochs}")
         if self.roi_mode not in ("target", "prediction", "none"):
             raise GRDNetError(f"roi_mode must be target, prediction or none, got {self.roi_mode!r}")
 
 
 # The presets, one column each: `paper` (GRD-Net as published; the dataclass defaults), `cpu`
-# (the segmenter alone, narrow, 128 px unshuffled to 64: learns in minutes on a CPU), `tiny` (tests).
-PRESET_NAMES = ("paper", "cpu", "tiny")
+# (the segmenter alone, narrow, 128 px unshuffled to 64: 2,500 steps in under 20 minutes on a 2-core
+# CPU), `grd-cpu` (GRD-Net whole: `cpu` with a half-width generator and discriminator, 1,250 steps in
+# about the same minutes), `tiny` (tests). The cpu gen/disc widths only serve `{"model": {"gan": true}}`.
+PRESET_NAMES = ("paper", "cpu", "grd-cpu", "tiny")
 MODEL_TABLE = {
-    #                    paper                          cpu                             tiny
-    "image_size":       (256,                           128,                            32),
-    "channels":         (3,                             3,                              3),
-    "gen_widths":       ((64, 128, 256, 512, 512),      (32, 64, 128, 256),             (8, 16)),
-    "latent_channels":  (32,                            32,                             8),
-    "disc_widths":      ((64, 128, 256, 512, 512),      (32, 64, 128, 256),             (8, 16)),
-    "seg_widths":       ((64, 128, 256, 512, 512, 512), (16, 32, 64, 128, 128),         (8, 16, 16)),
-    "score_kernel":     (21,                            5,                              5),
-    "flip_average":     (False,                         True,                           False),
-    "aspect":           ("squeeze",                     "both",                         "squeeze"),
-    "unshuffle":        (1,                             2,                              1),
-    "gan":              (True,                          False,                          True),
+    #                    paper                          cpu                     grd-cpu                 tiny
+    "image_size":       (256,                           128,                    128,                    32),
+    "channels":         (3,                             3,                      3,                      3),
+    "gen_widths":       ((64, 128, 256, 512, 512),      (32, 64, 128, 256),     (16, 32, 64, 128),      (8, 16)),
+    "latent_channels":  (32,                            32,                     16,                     8),
+    "disc_widths":      ((64, 128, 256, 512, 512),      (32, 64, 128, 256),     (16, 32, 64, 128),      (8, 16)),
+    "seg_widths":       ((64, 128, 256, 512, 512, 512), (16, 32, 64, 128, 128), (16, 32, 64, 128, 128), (8, 16, 16)),
+    "score_kernel":     (21,                            5,                      5,                      5),
+    "flip_average":     (False,                         True,                   True,                   False),
+    "aspect":           ("squeeze",                     "both",                 "both",                 "squeeze"),
+    "unshuffle":        (1,                             2,                      2,                      1),
+    "gan":              (True,                          False,                  True,                   True),
 }
 TRAIN_TABLE = {
-    #                           paper             cpu                          tiny
-    "epochs":                   (200,             200,                         1),
-    "max_minutes":              (None,            None,                        None),
-    "batch_size":               (8,               16,                          4),
-    "lr":                       (1e-4,            1e-4,                        1e-3),
-    "betas":                    ((0.5, 0.999),    (0.5, 0.999),                (0.5, 0.999)),
-    "seg_lr":                   (None,            1e-3,                        None),
-    "ema_decay":                (None,            0.99,                        None),
-    "plateau_patience":         (3,               3,                           3),
-    "plateau_factor":           (0.904837418,     0.904837418,                 0.904837418),
-    "w_adv":                    (1.0,             1.0,                         1.0),
-    "w_con":                    (50.0,            50.0,                        50.0),
-    "w_enc":                    (1.0,             1.0,                         1.0),
-    "w_l1":                     (1.0,             1.0,                         1.0),
-    "w_ssim":                   (1.0,             1.0,                         1.0),
-    "w_seg":                    (1.0,             1.0,                         1.0),
-    "ssim_window":              (11,              11,                          11),
-    "focal_gamma":              (2.0,             2.0,                         2.0),
-    "focal_alpha":              (None,            None,                        None),
-    "roi_mode":                 ("target",        "target",                    "target"),
-    "defect_prob":              (0.75,            0.75,                        0.75),
-    "perlin_min_exp":           (0,               0,                           0),
-    "perlin_max_exp":           (5,               4,                           5),
-    "perlin_threshold":         (0.5,             0.5,                         0.5),
-    "perlin_threshold_low":     (None,            0.1,                         None),
-    "min_defect_pixels":        (25,              25,                          25),
-    "line_share":               (0.0,             0.3,                         0.0),
-    "band_share":               (0.0,             0.2,                         0.0),
-    "beta_min":                 (0.5,             0.5,                         0.5),
-    "beta_max":                 (1.0,             1.0,                         1.0),
-    "texture_dir":              (None,            None,                        None),
-    "sources":                  (("noise",),      ("noise", "shade", "self"),  ("noise",)),
-    "rotation":                 (90.0,            0.0,                         90.0),
-    "hflip":                    (True,            True,                        True),
-    "vflip":                    (True,            True,                        True),
-    "train_crops":              (False,           False,                       False),
-    "val_fraction":             (0.1,             0.1,                         0.1),
-    "threshold_quantile":       (0.99,            0.99,                        0.99),
-    "num_workers":              (0,               0,                           0),
-    "seed":                     (0,               0,                           0),
-    "checkpoint_every_minutes": (5.0,             5.0,                         0.0),
-    "checkpoint_every_n_steps": (0,               0,                           0),
-    "log_every_n_steps":        (10,              10,                          10),
+    #                            paper         cpu                         grd-cpu                     tiny
+    "steps":                    (None,         2500,                       1250,                       3),
+    "epochs":                   (200,          None,                       None,                       None),
+    "max_minutes":              (None,         None,                       None,                       None),
+    "batch_size":               (8,            16,                         16,                         4),
+    "lr":                       (1e-4,         1e-4,                       1e-4,                       1e-3),
+    "betas":                    ((0.5, 0.999), (0.5, 0.999),               (0.5, 0.999),               (0.5, 0.999)),
+    "seg_lr":                   (None,         1e-3,                       1e-3,                       None),
+    "ema_decay":                (None,         0.99,                       0.99,                       None),
+    "plateau_patience":         (3,            3,                          3,                          3),
+    "plateau_factor":           (0.904837418,  0.904837418,                0.904837418,                0.904837418),
+    "w_adv":                    (1.0,          1.0,                        1.0,                        1.0),
+    "w_con":                    (50.0,         50.0,                       50.0,                       50.0),
+    "w_enc":                    (1.0,          1.0,                        1.0,                        1.0),
+    "w_l1":                     (1.0,          1.0,                        1.0,                        1.0),
+    "w_ssim":                   (1.0,          1.0,                        1.0,                        1.0),
+    "w_seg":                    (1.0,          1.0,                        1.0,                        1.0),
+    "ssim_window":              (11,           11,                         11,                         11),
+    "focal_gamma":              (2.0,          2.0,                        2.0,                        2.0),
+    "focal_alpha":              (None,         None,                       None,                       None),
+    "roi_mode":                 ("target",     "target",                   "target",                   "target"),
+    "defect_prob":              (0.75,         0.75,                       0.75,                       0.75),
+    "perlin_min_exp":           (0,            0,                          0,                          0),
+    "perlin_max_exp":           (5,            4,                          4,                          5),
+    "perlin_threshold":         (0.5,          0.5,                        0.5,                        0.5),
+    "perlin_threshold_low":     (None,         0.1,                        0.1,                        None),
+    "min_defect_pixels":        (25,           25,                         25,                         25),
+    "line_share":               (0.0,          0.3,                        0.3,                        0.0),
+    "band_share":               (0.0,          0.2,                        0.2,                        0.0),
+    "beta_min":                 (0.5,          0.5,                        0.5,                        0.5),
+    "beta_max":                 (1.0,          1.0,                        1.0,                        1.0),
+    "texture_dir":              (None,         None,                       None,                       None),
+    "sources":                  (("noise",),   ("noise", "shade", "self"), ("noise", "shade", "self"), ("noise",)),
+    "rotation":                 (90.0,         0.0,                        0.0,                        90.0),
+    "hflip":                    (True,         True,                       True,                       True),
+    "vflip":                    (True,         True,                       True,                       True),
+    "train_crops":              (False,        False,                      False,                      False),
+    "val_fraction":             (0.1,          0.1,                        0.1,                        0.1),
+    "val_min":                  (8,            8,                          8,                          8),
+    "threshold_quantile":       (0.99,         0.99,                       0.99,                       0.99),
+    "num_workers":              (0,            0,                          0,                          0),
+    "seed":                     (0,            0,                          0,                          0),
+    "checkpoint_every_minutes": (5.0,          5.0,                        5.0,                        0.0),
+    "checkpoint_every_n_steps": (0,            0,                          0,                          0),
+    "log_every_n_steps":        (10,           10,                         10,                         10),
 }
 
 
@@ -211,15 +222,20 @@ def file_section(config_file, section: str) -> dict:
 def build_config(preset: str = "cpu", model: dict | None = None, train: dict | None = None,
                  config_file: str | Path | None = None) -> tuple[ModelConfig, TrainConfig]:
     """Model and training config from a preset, a JSON file ({"model": {...}, "train": {...}})
-    and explicit overrides, applied in that order."""
+    and explicit overrides, applied in that order. A layer that sets `steps` clears the preset's
+    `epochs` and the other way round: the training length is set by one of them."""
     if preset not in PRESETS:
         raise GRDNetError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     m, t = dict(PRESETS[preset][0]), dict(PRESETS[preset][1])
-    if config_file is not None:
-        m.update(_checked(ModelConfig, file_section(config_file, "model"), str(config_file)))
-        t.update(_checked(TrainConfig, file_section(config_file, "train"), str(config_file)))
-    m.update(_checked(ModelConfig, model or {}, "override"))
-    t.update(_checked(TrainConfig, train or {}, "override"))
+    layers = [(file_section(config_file, "model"), file_section(config_file, "train"), str(config_file))] \
+        if config_file is not None else []
+    for model_layer, train_layer, where in [*layers, (model or {}, train or {}, "override")]:
+        m.update(_checked(ModelConfig, model_layer, where))
+        train_layer = _checked(TrainConfig, train_layer, where)
+        for length, other in (("steps", "epochs"), ("epochs", "steps")):
+            if train_layer.get(length) is not None and other not in train_layer:
+                t[other] = None  # a length given by steps replaces one by epochs, and the other way round
+        t.update(train_layer)
     try:
         model_cfg, train_cfg = ModelConfig(**m), TrainConfig(**t)
     except TypeError as e:

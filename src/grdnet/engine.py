@@ -12,6 +12,7 @@ import csv
 import datetime as dt
 import json
 import logging
+import math
 import os
 import platform
 import re
@@ -46,28 +47,89 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT = "last.ckpt"
 # Settings that may change when a run is resumed; any other difference is refused.
-RESUMABLE_CHANGES = {"epochs", "max_minutes", "checkpoint_every_minutes", "checkpoint_every_n_steps",
+RESUMABLE_CHANGES = {"steps", "epochs", "max_minutes", "checkpoint_every_minutes", "checkpoint_every_n_steps",
                      "log_every_n_steps", "num_workers"}
 PROGRESS_LINE_SECONDS = 30.0  # without a terminal, one progress line this often
 
 
 # ---- data --------------------------------------------------------------------------------------
 
-class EpochSampler(torch.utils.data.DistributedSampler):
-    """This rank's shard of a permutation drawn per epoch from (seed, epoch), the same permutation on
-    every rank, so shards never overlap. `start` drops the head of the next shard (mid-epoch resume)."""
+ROUND_BATCHES = 40  # a Lightning epoch ("round") is at least this many batches: whole passes over the data
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How long a run trains, in optimiser steps, and how the steps fall into rounds.
+
+    A round (what Lightning calls an epoch: hooks, the plateau schedule, the loader's restart) is
+    the fewest whole passes over the images that make at least `ROUND_BATCHES` batches, so a
+    30-image set does not pay per-epoch work every batch and its schedule sees as many batches per
+    step as a large set's. `steps` counts batches, the same on every rank (one generator and, with
+    the GAN, one discriminator update each)."""
+
+    steps: int
+    batch: int  # images per batch on each rank
+    per_rank: int  # images in one rank's share of one pass
+    passes: int  # passes per round
+    world_size: int
+
+    @property
+    def round_batches(self) -> int:
+        return self.passes * self.per_rank // self.batch
+
+    @property
+    def images_per_pass(self) -> int:
+        return self.per_rank * self.world_size
+
+
+def plan_training(n_images: int, train_cfg: TrainConfig, world_size: int = 1) -> Plan:
+    """The run's length and rounds. `epochs` E means E passes: the batches that show each image E
+    times (rounded to the nearest step)."""
+    per_rank = -(-n_images // world_size)  # ranks pad their shares to equal length, like DistributedSampler
+    batch = max(1, min(train_cfg.batch_size, per_rank))
+    steps = train_cfg.steps
+    if steps is None:
+        steps = max(1, math.floor(train_cfg.epochs * per_rank / batch + 0.5))
+    passes = 1
+    while passes * per_rank // batch < ROUND_BATCHES:
+        passes += 1
+    return Plan(steps=steps, batch=batch, per_rank=per_rank, passes=passes, world_size=world_size)
+
+
+class RoundSampler(torch.utils.data.Sampler):
+    """This rank's indices for one round: `passes` permutations of the dataset, each drawn from
+    (seed, round * passes + pass) and the same on every rank; each rank takes every world_size-th
+    index of each (padded to equal shares), so shards never overlap. With one pass per round the
+    order is exactly `DistributedSampler`'s. `start` drops the head of the next round (mid-round
+    resume)."""
 
     start = 0
 
+    def __init__(self, n: int, plan: Plan, rank: int, seed: int):
+        self.n, self.plan, self.rank, self.seed, self.epoch = n, plan, rank, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:  # Lightning calls it before each round
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.plan.passes * self.plan.per_rank
+
     def __iter__(self):
-        indices = list(super().__iter__())[self.start:]
-        self.start = 0
+        p, indices = self.plan, []
+        total = p.per_rank * p.world_size
+        for k in range(p.passes):
+            g = torch.Generator()
+            g.manual_seed(self.seed + self.epoch * p.passes + k)
+            order = torch.randperm(self.n, generator=g).tolist()
+            order += (order * (total // self.n + 1))[:total - self.n]
+            indices += order[self.rank:total:p.world_size]
+        indices, self.start = indices[self.start:], 0
         return iter(indices)
 
 
 class ResumableLoader(torch.utils.data.DataLoader):
-    """A DataLoader that knows its place in the epoch. Lightning saves `state_dict()` in every
-    checkpoint and hands it back on resume (its stateful-loader protocol), so a resumed epoch
+    """A DataLoader that knows its place in the round. Lightning saves `state_dict()` in every
+    checkpoint and hands it back on resume (its stateful-loader protocol), so a resumed round
     continues with the batches not yet seen instead of starting over."""
 
     _resume: tuple[int, int] | None = None
@@ -94,17 +156,17 @@ class ResumableLoader(torch.utils.data.DataLoader):
 class TrainData(L.LightningDataModule):
     """Builds the loader once the process group exists, when this process's rank is known."""
 
-    def __init__(self, dataset, batch_size: int, seed: int, num_workers: int):
+    def __init__(self, dataset, train_cfg: TrainConfig):
         super().__init__()
-        self.dataset, self.batch_size, self.seed, self.num_workers = dataset, batch_size, seed, num_workers
+        self.dataset, self.train_cfg = dataset, train_cfg
 
     def train_dataloader(self):
         t = self.trainer
-        sampler = EpochSampler(self.dataset, num_replicas=t.world_size, rank=t.global_rank, shuffle=True,
-                               seed=self.seed)
-        return ResumableLoader(self.dataset, batch_size=min(self.batch_size, len(sampler)), sampler=sampler,
-                               drop_last=True, num_workers=self.num_workers,
-                               persistent_workers=self.num_workers > 0)
+        plan = plan_training(len(self.dataset), self.train_cfg, t.world_size)
+        workers = self.train_cfg.num_workers
+        return ResumableLoader(self.dataset, batch_size=plan.batch,
+                               sampler=RoundSampler(len(self.dataset), plan, t.global_rank, self.train_cfg.seed),
+                               drop_last=True, num_workers=workers, persistent_workers=workers > 0)
 
 
 # ---- checkpoints, weights, logs ----------------------------------------------------------------
@@ -122,11 +184,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class WeightAverage(EMAWeightAveraging):
-    """Lightning's EMA, plus: the checkpoint written after training keeps the last step's weights
-    for resuming (Lightning has by then copied the average into the module), so that extending a
-    finished run continues exactly where it stopped."""
-
-    _last_step_state: dict | None = None
+    """Lightning's EMA, kept on the training device."""
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         # Lightning builds the average before the module is moved to the accelerator: keep it on the
@@ -134,14 +192,19 @@ class WeightAverage(EMAWeightAveraging):
         self._device = self._device or trainer.strategy.root_device
         super().setup(trainer, pl_module, stage)
 
-    def on_train_end(self, trainer, pl_module) -> None:
-        self._last_step_state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
-        super().on_train_end(trainer, pl_module)
 
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        super().on_save_checkpoint(trainer, pl_module, checkpoint)
-        if self._last_step_state is not None:
-            checkpoint["current_model_state"] = self._last_step_state
+class FinalCheckpoint(L.Callback):
+    """Checkpoint the last step, inside it, so that `--resume` can extend a finished run exactly.
+    Saved after Lightning's loops have closed the round, a checkpoint taken mid-round (a length in
+    steps, a time budget) would say the round was over and the extension would start the next one."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        # Callbacks before this one (the Timer, the weight average) have done this step's work.
+        if trainer.should_stop or trainer.global_step >= trainer.max_steps:
+            trainer.save_checkpoint(self.path, weights_only=False)  # full state, to resume
 
 
 class ResumedCSVLogger(CSVLogger):
@@ -217,6 +280,39 @@ class LineProgress(L.Callback):
         losses = " ".join(f"{k} {float(v):.4f}" for k, v in metrics.items() if k in ("seg", "con"))
         print(f"epoch {trainer.current_epoch} batch {batch_idx + 1}/{trainer.num_training_batches} "
               f"step {trainer.global_step} {losses}".rstrip(), file=self.stream or sys.stdout, flush=True)
+
+
+def describe_plan(plan: Plan, n_images: int, train_cfg: TrainConfig) -> str:
+    """One line saying what a run will do, printed before it starts."""
+    images = plan.batch * plan.world_size
+    text = (f"training: {plan.steps:,} steps of {images} images ({plan.steps * images / n_images:,.1f} passes over "
+            f"{n_images:,} training images, rounds of {plan.round_batches} batches)")
+    if train_cfg.max_minutes is not None:
+        text += f", stopped after {train_cfg.max_minutes:g} minutes if not done by then"
+    return text
+
+
+class SpeedReport(L.Callback):
+    """Once the first steps are timed, one line: the speed here and the minutes the plan needs."""
+
+    WARMUP, MEASURE = 3, 20  # batches not timed (first-call costs), then batches timed
+
+    def __init__(self, plan: Plan, max_minutes: float | None, stream=None):
+        self.plan, self.max_minutes, self.stream = plan, max_minutes, stream
+        self._seen, self._t0 = 0, None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._seen += 1
+        if self._seen == self.WARMUP:
+            self._t0 = time.monotonic()
+        if self._seen != self.WARMUP + self.MEASURE or not trainer.is_global_zero:
+            return
+        rate = self.MEASURE / (time.monotonic() - self._t0)
+        left = self.plan.steps - pl_module.batches_trained
+        text = f"{rate:.2f} steps/s here: about {left / rate / 60:.1f} more minutes for {left:,} steps"
+        if self.max_minutes is not None and left / rate / 60 > self.max_minutes:
+            text += f" (the {self.max_minutes:g}-minute budget stops it after about {int(rate * self.max_minutes * 60):,})"
+        print(text, file=self.stream or sys.stdout, flush=True)
 
 
 class RunRecord(L.Callback):
@@ -403,6 +499,8 @@ def _callbacks(out: Path, train_cfg: TrainConfig, progress: bool) -> list:
                                      every_n_train_steps=t.checkpoint_every_n_steps))
     if progress and not sys.stdout.isatty():
         found.append(LineProgress())
+    if t.checkpoint_every_minutes > 0 or t.checkpoint_every_n_steps > 0:
+        found.append(FinalCheckpoint(ckpt_dir / CHECKPOINT))
     return found
 
 
@@ -419,14 +517,15 @@ def _run_info(data, launch: Launch, model_cfg, train_cfg, command, roi, roi_defa
     }
 
 
-def _trainer(launch: Launch, train_cfg: TrainConfig, loggers: list, callbacks: list, progress: bool) -> L.Trainer:
+def _trainer(launch: Launch, train_cfg: TrainConfig, max_steps: int, loggers: list, callbacks: list,
+             progress: bool) -> L.Trainer:
     deterministic = None
     if launch.deterministic:  # on GPU, ops without a deterministic kernel only warn
         deterministic = True if launch.accelerator == "cpu" or not torch.cuda.is_available() else "warn"
     try:
         return L.Trainer(
             accelerator=launch.accelerator, devices=launch.devices, num_nodes=launch.num_nodes,
-            strategy=launch.strategy, precision=launch.precision, max_epochs=train_cfg.epochs,
+            strategy=launch.strategy, precision=launch.precision, max_epochs=-1, max_steps=max_steps,
             deterministic=deterministic, logger=loggers, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
             use_distributed_sampler=False, enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
             enable_progress_bar=progress and sys.stdout.isatty(), log_every_n_steps=train_cfg.log_every_n_steps,
@@ -447,7 +546,7 @@ def _clear_stale(out: Path) -> None:
 
 
 def _fit(trainer: L.Trainer, out: Path, datamodule, module, resume: bool) -> None:
-    """Fit (continuing the last checkpoint on `resume`), then checkpoint the final state."""
+    """Fit, continuing the last checkpoint on `resume`."""
     ckpt_dir = out / "checkpoints"
     if _launch_rank_zero():  # settings are checked: now touch the run folder
         if not resume:
@@ -462,16 +561,18 @@ def _fit(trainer: L.Trainer, out: Path, datamodule, module, resume: bool) -> Non
                     weights_only=True)
     if trainer.interrupted:
         raise GRDNetError(f"{out}: training was interrupted; no model was written")
-    if trainer.checkpoint_callbacks:  # the final state too, so that --resume can extend a finished run
-        trainer.save_checkpoint(ckpt_dir / CHECKPOINT, weights_only=False)  # full state, to resume
 
 
-def _summary(data, trainer: L.Trainer, module: GRDNetModule, seconds: float, n_train: int, n_val: int,
-             precision: str, roi) -> dict:
-    """What the model's config.json records of its training."""
-    return {"data": str(Path(data).resolve()), "n_train": n_train, "n_val": n_val,
-            "epochs": trainer.current_epoch, "steps": trainer.global_step, "batches": module.batches_trained,
-            "minutes": round(seconds / 60, 2), "seconds": round(seconds, 3), "world_size": trainer.world_size,
+def _summary(data, trainer: L.Trainer, module: GRDNetModule, plan: Plan, seconds: float, n_train: int,
+             n_val: int, precision: str, roi) -> dict:
+    """What the model's config.json records of its training: `steps` done (of `planned_steps`),
+    `epochs` as passes over the training images, and what stopped it."""
+    steps = module.batches_trained
+    return {"data": str(Path(data).resolve()), "n_train": n_train, "n_val": n_val, "steps": steps,
+            "planned_steps": plan.steps, "stopped_by": "steps" if steps >= plan.steps else "max_minutes",
+            "epochs": round(steps * plan.batch * plan.world_size / n_train, 2), "rounds": math.ceil(steps / plan.round_batches),
+            "batch_size": plan.batch, "optimizer_steps": trainer.global_step, "minutes": round(seconds / 60, 2),
+            "seconds": round(seconds, 3), "world_size": trainer.world_size,
             "precision": precision, "train_config": to_dict(module.train_cfg), "grdnet": __version__,
             "roi": {"source": str(roi) if roi else None, "mode": module.train_cfg.roi_mode},
             "finished": dt.datetime.now().isoformat(timespec="seconds")}
@@ -505,23 +606,30 @@ def train(data, out, model_cfg: ModelConfig, train_cfg: TrainConfig, *, accelera
     launch = Launch(accelerator, devices, num_nodes, resolve_strategy(strategy, accelerator, devices, num_nodes),
                     resolve_precision(precision, accelerator), deterministic)
     resumed = _resumable(out, model_cfg, train_cfg) if resume else None
-    train_paths, val_paths = split_train_val(train_images(data), train_cfg.val_fraction, train_cfg.seed)
+    train_paths, val_paths = split_train_val(train_images(data), train_cfg.val_fraction, train_cfg.seed,
+                                            train_cfg.val_min)
     if not train_paths:
         raise GRDNetError(f"{data}: no training images left after the validation split")
     L.seed_everything(train_cfg.seed, workers=True, verbose=False)
     out.mkdir(parents=True, exist_ok=True)
     dataset = _dataset(data, train_paths, model_cfg, train_cfg, roi, roi_default)
     module = _module(model_cfg, train_cfg, accelerator)
+    plan = plan_training(len(dataset), train_cfg, _world_size(accelerator, devices, num_nodes))
+    if progress and _launch_rank_zero():
+        print(describe_plan(plan, len(dataset), train_cfg), flush=True)
 
     run_doc = json.loads((out / "run.json").read_text()) if resume and (out / "run.json").is_file() else {}
     found = _callbacks(out, train_cfg, progress)
+    if progress:
+        found.append(SpeedReport(plan, train_cfg.max_minutes))
     loggers = make_loggers(out, loggers, resumed["batches_trained"] if resumed else None, run_doc.get("mlflow_run_id"))
     record = RunRecord(out / "run.json", _run_info(data, launch, model_cfg, train_cfg, command, roi, roi_default), resume)
     was_deterministic = torch.are_deterministic_algorithms_enabled()  # the Trainer sets it process-wide
     try:
-        trainer = _trainer(launch, train_cfg, loggers, [*found, record, *(callbacks or [])], progress)
-        _fit(trainer, out, TrainData(dataset, train_cfg.batch_size, train_cfg.seed, train_cfg.num_workers), module,
-             resume)
+        # Lightning counts every optimiser's steps: two per batch with the GAN.
+        max_steps = plan.steps * (2 if module.net.has_gan else 1)
+        trainer = _trainer(launch, train_cfg, max_steps, loggers, [*found, record, *(callbacks or [])], progress)
+        _fit(trainer, out, TrainData(dataset, train_cfg), module, resume)
     finally:
         if deterministic:  # a library call should not leave the process in deterministic mode
             torch.use_deterministic_algorithms(was_deterministic)
@@ -533,7 +641,7 @@ def train(data, out, model_cfg: ModelConfig, train_cfg: TrainConfig, *, accelera
     predictor = Predictor(module.net, model_cfg, device=module.device, tile=train_cfg.train_crops)
     calibration = held_out_threshold(predictor, val_paths, train_paths, train_cfg.threshold_quantile)
     seconds = found[0].time_elapsed("train")
-    meta = {**calibration, "training": _summary(data, trainer, module, seconds, len(train_paths), len(val_paths),
+    meta = {**calibration, "training": _summary(data, trainer, module, plan, seconds, len(train_paths), len(val_paths),
                                                 launch.precision, roi)}
     return save_model(out / "model", module.net, model_cfg, meta)
 
