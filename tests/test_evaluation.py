@@ -15,7 +15,7 @@ from sklearn.metrics import precision_recall_curve, roc_curve
 
 import grdnet
 from conftest import write_dataset
-from grdnet.calibration import choose_threshold
+from grdnet.calibration import choose_threshold, quantile_threshold, split_train_val
 from grdnet.cli import main
 from grdnet.errors import GRDNetError
 from grdnet.evaluation import run_test
@@ -217,9 +217,38 @@ def test_choose_threshold_f1_rule_and_quantile_rule():
     f1 = 2 * np.sum((scores >= t) & (labels == 1)) / (np.sum(scores >= t) + labels.sum())
     assert f1 == pytest.approx(best["image_f1_max"])
     assert t == pytest.approx((best["image_f1_threshold"] + 0.3) / 2)  # midway to the next lower score
-    assert choose_threshold(scores, labels, "quantile", 0.5) == pytest.approx(np.quantile(scores[:5], 0.5))
+    assert choose_threshold(scores, labels, "quantile", 0.5) == pytest.approx(quantile_threshold(scores[:5], 0.5))
     with pytest.raises(GRDNetError, match="both good and defective"):
         choose_threshold(scores[:5], labels[:5], "f1")
+
+
+def test_small_data_threshold_keeps_its_false_alarm_target():
+    """Good images' scores, logit-normal: a threshold from n of them, then the share of new good
+    images it flags, averaged over many draws. The bare 0.99 quantile of 7 scores flags about one
+    in eight; the rule stays near the 1 % it is meant for, and with many images it is the quantile."""
+    rng = np.random.default_rng(0)
+    draws, n, mu, sigma = 4000, 7, -1.0, 0.5
+    logits = rng.normal(mu, sigma, (draws, n))
+    scores = 1 / (1 + np.exp(-logits))
+    from scipy.stats import norm
+
+    def flagged(thr):  # P(a new good image's score >= thr), exactly, under the same law
+        return norm.sf((np.log(thr / (1 - thr)) - mu) / sigma)
+
+    bare = np.mean([flagged(np.quantile(s, 0.99)) for s in scores])
+    rule = np.mean([flagged(quantile_threshold(s, 0.99)) for s in scores])
+    assert bare > 0.1 and 0.005 < rule < 0.015, (bare, rule)
+    many = 1 / (1 + np.exp(-rng.normal(mu, sigma, 20000)))
+    assert quantile_threshold(many, 0.99) == pytest.approx(np.quantile(many, 0.99), abs=0.003)
+    assert quantile_threshold([0.3], 0.99) == 0.3  # one score: nothing to fit
+
+
+def test_held_out_images_have_a_minimum():
+    paths = [Path(f"{i:03d}.png") for i in range(200)]
+    for n, n_val in ((4, 0), (5, 1), (12, 3), (30, 7), (50, 8), (100, 10), (200, 20)):
+        train, val = split_train_val(paths[:n], 0.1, seed=0, minimum=8)
+        assert (len(train), len(val)) == (n - n_val, n_val) and not set(train) & set(val)
+    assert split_train_val(paths[:30], 0.1, seed=0) == split_train_val(paths[:30], 0.1, seed=0, minimum=3)
 
 
 def test_calibrate_command_rewrites_config_atomically(trained_tiny, tmp_path, capsys):
@@ -251,7 +280,7 @@ def test_calibrate_command_rewrites_config_atomically(trained_tiny, tmp_path, ca
 
     assert main(["calibrate", str(model), str(val), "--rule", "quantile", "--quantile", "0.8"]) == 0
     cfg = json.loads((model / "config.json").read_text())
-    assert cfg["threshold"] == pytest.approx(np.quantile(scores[:5], 0.8))
+    assert cfg["threshold"] == pytest.approx(quantile_threshold(scores[:5], 0.8))
     assert cfg["calibration"]["rule"] == "quantile" and cfg["calibration"]["quantile"] == 0.8
 
 

@@ -136,7 +136,8 @@ def test_target_mode_learns_to_ignore_defects_outside_the_roi(tmp_path):
     """The paper's claim at test scale: trained with ROI masks (`target`), the segmenter stays
     silent on a defect outside the part and still answers inside it; trained without ROI masks it
     answers on both. No ROI is given at inference. (Measured over several seeds when this test
-    was written: outside response target/none 0.54-0.60, target inside/outside >= 2.)"""
+    was written: outside response target/none 0.54-0.60, target inside/outside >= 2. Since the
+    schedule steps per round of >= 40 batches, 50 epochs left seed 1 at 0.80: 100 epochs.)"""
     rng = np.random.default_rng(0)
     data = tmp_path / "d"
     for d in ("train/good", "roi/train/good"):
@@ -164,7 +165,7 @@ def test_target_mode_learns_to_ignore_defects_outside_the_roi(tmp_path):
         inside = np.mean([r.anomaly_map[p[1]].mean() for r, p in zip(maps, probes) if not p[2]])
         return outside, inside
 
-    common = dict(preset="tiny", epochs=50, progress=False, train={"batch_size": 32, "lr": 1e-3, "seed": 1})
+    common = dict(preset="tiny", epochs=100, progress=False, train={"batch_size": 32, "lr": 1e-3, "seed": 1})
     t_out, t_in = responses(grdnet.load(grdnet.train(data, tmp_path / "target", roi=data / "roi", **common)))
     n_out, n_in = responses(grdnet.load(grdnet.train(data, tmp_path / "none", **common)))
     assert t_out < 0.75 * n_out, (t_out, n_out)

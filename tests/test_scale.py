@@ -335,3 +335,18 @@ def test_loggers_by_flag(tiny_dataset, tmp_path, capsys):
             assert main(args + ["--out", str(out), "--logger", name]) == 0
             assert (out / "logs" / "metrics.csv").is_file()
             assert (out / "logs" / ("tensorboard" if name == "tensorboard" else "mlflow.db")).exists()
+
+
+def test_checkpoint_by_time_is_written_during_training(tiny_dataset, tmp_path):
+    """The time interval counts under manual optimisation too (Lightning's ModelCheckpoint ignores it)."""
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    seen = []
+
+    class Watch(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(_step(ckpt) if ckpt.is_file() else None)
+
+    grdnet.train(tiny_dataset, tmp_path / "run", preset="tiny", steps=4, progress=False, callbacks=[Watch()],
+                 train={"checkpoint_every_minutes": 1e-6})
+    assert seen == [None, 2, 4, 6]  # after every step (G and D: two optimiser steps each)
+    assert _step(ckpt) == 8

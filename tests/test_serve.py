@@ -97,7 +97,7 @@ def test_model_metadata(client, predictor):
     assert m["image_size"] == 32 and m["channels"] == 3 and m["config"]["gen_widths"] == [8, 16]
     assert m["threshold"] == pytest.approx(predictor.threshold)
     assert "quantile" in m["threshold_rule"]
-    assert m["training"]["n_train"] > 0 and m["training"]["epochs"] == 2
+    assert m["training"]["n_train"] == 9 and m["training"]["steps"] == 5  # 2 epochs of 9 images in batches of 4
     assert m["training"]["data"] == "data"  # the folder's name, not the server's path
     assert m["limits"]["max_pixels"] == 2_000_000 and m["limits"]["max_files"] == 4
     assert m["model_id"] == client.get("/health").json()["model_id"]

@@ -119,10 +119,70 @@ def test_progress_without_a_terminal_is_a_line_at_an_interval(tiny_dataset, tmp_
     seconds = time.monotonic() - start
     out = capsys.readouterr().out
     assert "\r" not in out and "it/s" not in out
-    assert sum(ln.startswith("epoch ") for ln in out.splitlines()) <= seconds // engine.PROGRESS_LINE_SECONDS
+    assert sum(ln.startswith("step ") for ln in out.splitlines()) <= seconds // engine.PROGRESS_LINE_SECONDS
     monkeypatch.setattr(engine, "PROGRESS_LINE_SECONDS", 0.0)  # a line after every batch
-    model = grdnet.train(tiny_dataset, tmp_path / "lines", preset="tiny", epochs=3)
-    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("epoch ")]
-    batches = json.loads((model / "config.json").read_text())["training"]["batches"]
-    assert len(lines) == batches and "\r" not in "".join(lines)
-    assert lines[-1].startswith("epoch 2 ") and " seg " in lines[-1]
+    model = grdnet.train(tiny_dataset, tmp_path / "lines", preset="tiny", steps=7)
+    out = capsys.readouterr().out
+    lines = [ln for ln in out.splitlines() if ln.startswith("step ")]
+    assert len(lines) == json.loads((model / "config.json").read_text())["training"]["steps"] == 7
+    assert "\r" not in "".join(lines) and lines[-1].startswith("step 7/7 ") and " seg " in lines[-1]
+    # the plan, before training: steps, images per step, passes over the 9 training images
+    assert out.splitlines()[0] == "training: 7 steps of 4 images (3.1 passes over 9 training images, rounds of 40 batches)"
+
+
+def test_length_in_steps_whatever_the_number_of_images(tmp_path):
+    from conftest import write_dataset
+
+    for n in (5, 50):
+        data = write_dataset(tmp_path / f"d{n}", n_train=n, size=(32, 32))
+        model = grdnet.train(data, tmp_path / f"r{n}", preset="tiny", steps=6, progress=False,
+                             train={"log_every_n_steps": 1})
+        t = json.loads((model / "config.json").read_text())["training"]
+        assert (t["steps"], t["planned_steps"], t["optimizer_steps"], t["stopped_by"]) == (6, 6, 12, "steps")
+        assert t["epochs"] == round(6 * 4 / t["n_train"], 2)  # passes over the images, recorded
+        rows = [r for r in csv.DictReader(open(tmp_path / f"r{n}" / "logs" / "metrics.csv")) if r.get("l_seg")]
+        assert len(rows) == 6
+
+
+def test_length_by_epochs_is_passes_over_the_images(tmp_path):
+    from conftest import write_dataset
+    from grdnet.engine import plan_training
+
+    data = write_dataset(tmp_path / "d", n_train=30, size=(32, 32))  # 23 trained on, 7 held out
+    model = grdnet.train(data, tmp_path / "r", preset="tiny", epochs=2, progress=False)
+    t = json.loads((model / "config.json").read_text())["training"]
+    assert (t["n_train"], t["n_val"], t["steps"], t["epochs"]) == (23, 7, 12, 2.09)  # 46 / 4 = 11.5 -> 12 steps
+    _, cfg = build_config("cpu", train={"epochs": 200})
+    assert plan_training(685, cfg).steps == 8563 and plan_training(23, cfg).steps == 288
+
+
+def test_grd_cpu_preset_is_grdnet_whole(tiny_dataset, tmp_path):
+    """GRD-Net with generator and discriminator at CPU sizes: trains, saves E1 + decoder + segmenter."""
+    from safetensors.torch import load_file
+
+    m, t = build_config("grd-cpu")
+    assert m.gan and t.steps and t.epochs is None and build_config("cpu")[1].steps > t.steps
+    model = grdnet.train(tiny_dataset, tmp_path / "run", preset="grd-cpu", steps=2, progress=False,
+                         train={"log_every_n_steps": 1})
+    parts = {k.split(".")[0] for k in load_file(str(model / "weights.safetensors"))}
+    assert parts == {"encoder", "decoder", "segmenter"}
+    p = grdnet.load(model)
+    assert p.cfg.gan and p.cfg.gen_widths == m.gen_widths and p.cfg.image_size == 128
+    r = p.predict(str(next((tiny_dataset / "test" / "hole").iterdir())))
+    assert r.anomaly_map.shape == (40, 48) and 0 <= r.score <= 1
+    rows = [r for r in csv.DictReader(open(tmp_path / "run" / "logs" / "metrics.csv")) if r.get("l_con")]
+    assert rows and all(np.isfinite(float(r["l_disc"])) for r in rows)
+
+
+def test_length_flags(tiny_dataset, tmp_path, capsys):
+    from grdnet.cli import main
+
+    args = ["train", str(tiny_dataset), "--out", str(tmp_path / "r"), "--preset", "tiny", "--no-progress"]
+    assert main(args + ["--steps", "3", "--epochs", "2"]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert main(args + ["--steps", "0"]) == 2
+    assert "must be positive" in capsys.readouterr().err
+    assert main(args + ["--epochs", "1"]) == 0
+    assert "2 steps = 0.89 epochs" in capsys.readouterr().out  # 9 images: 2 batches of 4
+    _, t = build_config("paper", train={"steps": 100})
+    assert (t.steps, t.epochs) == (100, None)  # a length by steps replaces the preset's epochs

@@ -28,7 +28,7 @@ def _quiet():
 
 
 def _train_args(p: argparse.ArgumentParser):
-    p.add_argument("--preset", default="cpu", help="tiny | cpu | paper (default: cpu)")
+    p.add_argument("--preset", default="cpu", help="cpu | grd-cpu | paper | tiny (default: cpu; see README)")
     p.add_argument("--image-size", type=int, help="model input size (square), overrides the preset")
     p.add_argument("--steps", type=int, help="training length in optimiser steps (default: the preset's)")
     p.add_argument("--epochs", type=int, help="training length in passes over the training images instead")

@@ -118,7 +118,7 @@ class TrainConfig:
         if (self.steps is None) == (self.epochs is None):
             raise GRDNetError("set the training length by steps or by epochs: exactly one of them, "
                               f"got steps={self.steps}, epochs={self.epochs}")
-        if (self.steps or self.epochs) < 1:
+        if (self.steps if self.steps is not None else self.epochs) < 1:
             raise GRDNetError(f"the training length must be positive, got steps={self.steps}, epochs={self.epochs}")
         if self.roi_mode not in ("target", "prediction", "none"):
             raise GRDNetError(f"roi_mode must be target, prediction or none, got {self.roi_mode!r}")

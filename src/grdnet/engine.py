@@ -27,7 +27,7 @@ import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint, Timer
+from lightning.pytorch.callbacks import EMAWeightAveraging, Timer
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
@@ -193,18 +193,28 @@ class WeightAverage(EMAWeightAveraging):
         super().setup(trainer, pl_module, stage)
 
 
-class FinalCheckpoint(L.Callback):
-    """Checkpoint the last step, inside it, so that `--resume` can extend a finished run exactly.
-    Saved after Lightning's loops have closed the round, a checkpoint taken mid-round (a length in
-    steps, a time budget) would say the round was over and the extension would start the next one."""
+class StepCheckpoint(L.Callback):
+    """`last.ckpt` every `minutes`, every `n_steps` optimiser steps and at the last step, written
+    inside the step (Lightning's ModelCheckpoint ignores its time interval under manual
+    optimisation). The last step's checkpoint lets `--resume` extend a finished run exactly: one
+    written after the fit, once Lightning's loops have closed the round, would say the round was over."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, minutes: float, n_steps: int):
+        self.path, self.seconds, self.n_steps = path, minutes * 60, n_steps
+        self._last = time.monotonic()
+
+    def on_train_start(self, trainer, pl_module):
+        self._last = time.monotonic()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         # Callbacks before this one (the Timer, the weight average) have done this step's work.
-        if trainer.should_stop or trainer.global_step >= trainer.max_steps:
+        due = trainer.should_stop or trainer.global_step >= trainer.max_steps
+        due = due or (self.n_steps > 0 and trainer.global_step % self.n_steps == 0)
+        if self.seconds > 0:  # rank 0's clock decides for every rank: saving is collective
+            due = due or trainer.strategy.broadcast(time.monotonic() - self._last >= self.seconds)
+        if due:
             trainer.save_checkpoint(self.path, weights_only=False)  # full state, to resume
+            self._last = time.monotonic()
 
 
 class ResumedCSVLogger(CSVLogger):
@@ -264,8 +274,8 @@ def make_loggers(out: Path, names, keep_below_step: int | None, mlflow_run_id: s
 class LineProgress(L.Callback):
     """Progress for logs and pipes (no terminal): one line every `seconds`, not a redrawn bar."""
 
-    def __init__(self, seconds: float | None = None, stream=None):
-        self.seconds = PROGRESS_LINE_SECONDS if seconds is None else seconds
+    def __init__(self, steps: int, seconds: float | None = None, stream=None):
+        self.steps, self.seconds = steps, PROGRESS_LINE_SECONDS if seconds is None else seconds
         self.stream, self._last = stream, 0.0
 
     def on_train_start(self, trainer, pl_module):
@@ -278,8 +288,8 @@ class LineProgress(L.Callback):
         self._last = now
         metrics = trainer.progress_bar_metrics
         losses = " ".join(f"{k} {float(v):.4f}" for k, v in metrics.items() if k in ("seg", "con"))
-        print(f"epoch {trainer.current_epoch} batch {batch_idx + 1}/{trainer.num_training_batches} "
-              f"step {trainer.global_step} {losses}".rstrip(), file=self.stream or sys.stdout, flush=True)
+        print(f"step {pl_module.batches_trained:,}/{self.steps:,} {losses}".rstrip(), file=self.stream or sys.stdout,
+              flush=True)
 
 
 def describe_plan(plan: Plan, n_images: int, train_cfg: TrainConfig) -> str:
@@ -481,8 +491,9 @@ def _module(model_cfg: ModelConfig, train_cfg: TrainConfig, accelerator: str) ->
     return module
 
 
-def _callbacks(out: Path, train_cfg: TrainConfig, progress: bool) -> list:
-    """Timer (its elapsed time is saved in checkpoints), weight average, checkpoints, progress lines."""
+def _callbacks(out: Path, train_cfg: TrainConfig, plan: Plan, progress: bool) -> list:
+    """Timer (its elapsed time is saved in checkpoints), weight average, checkpoints, progress lines,
+    the speed line, and the last step's checkpoint."""
     t = train_cfg
     found: list = [Timer(duration=dt.timedelta(minutes=t.max_minutes) if t.max_minutes is not None else None,
                          verbose=False)]
@@ -490,17 +501,13 @@ def _callbacks(out: Path, train_cfg: TrainConfig, progress: bool) -> list:
     # copies it into the module when training ends, so everything after fit sees the averaged weights.
     if t.ema_decay:
         found.append(WeightAverage(decay=t.ema_decay))
-    ckpt_dir = out / "checkpoints"
-    if t.checkpoint_every_minutes > 0:
-        found.append(ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
-                                     train_time_interval=dt.timedelta(minutes=t.checkpoint_every_minutes)))
-    if t.checkpoint_every_n_steps > 0:
-        found.append(ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
-                                     every_n_train_steps=t.checkpoint_every_n_steps))
     if progress and not sys.stdout.isatty():
-        found.append(LineProgress())
+        found.append(LineProgress(plan.steps))
+    if progress:
+        found.append(SpeedReport(plan, t.max_minutes))
     if t.checkpoint_every_minutes > 0 or t.checkpoint_every_n_steps > 0:
-        found.append(FinalCheckpoint(ckpt_dir / CHECKPOINT))
+        found.append(StepCheckpoint(out / "checkpoints" / CHECKPOINT, t.checkpoint_every_minutes,
+                                    t.checkpoint_every_n_steps))
     return found
 
 
@@ -527,7 +534,7 @@ def _trainer(launch: Launch, train_cfg: TrainConfig, max_steps: int, loggers: li
             accelerator=launch.accelerator, devices=launch.devices, num_nodes=launch.num_nodes,
             strategy=launch.strategy, precision=launch.precision, max_epochs=-1, max_steps=max_steps,
             deterministic=deterministic, logger=loggers, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
-            use_distributed_sampler=False, enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+            use_distributed_sampler=False, enable_checkpointing=False,
             enable_progress_bar=progress and sys.stdout.isatty(), log_every_n_steps=train_cfg.log_every_n_steps,
             enable_model_summary=False, num_sanity_val_steps=0,
         )
@@ -555,7 +562,6 @@ def _fit(trainer: L.Trainer, out: Path, datamodule, module, resume: bool) -> Non
             tmp.unlink(missing_ok=True)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
-        warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimization.*")
         warnings.filterwarnings("ignore", message=".*all_gather is deprecated.*")
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_dir / CHECKPOINT if resume else None,
                     weights_only=True)
@@ -619,9 +625,7 @@ def train(data, out, model_cfg: ModelConfig, train_cfg: TrainConfig, *, accelera
         print(describe_plan(plan, len(dataset), train_cfg), flush=True)
 
     run_doc = json.loads((out / "run.json").read_text()) if resume and (out / "run.json").is_file() else {}
-    found = _callbacks(out, train_cfg, progress)
-    if progress:
-        found.append(SpeedReport(plan, train_cfg.max_minutes))
+    found = _callbacks(out, train_cfg, plan, progress)
     loggers = make_loggers(out, loggers, resumed["batches_trained"] if resumed else None, run_doc.get("mlflow_run_id"))
     record = RunRecord(out / "run.json", _run_info(data, launch, model_cfg, train_cfg, command, roi, roi_default), resume)
     was_deterministic = torch.are_deterministic_algorithms_enabled()  # the Trainer sets it process-wide
