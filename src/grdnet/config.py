@@ -125,9 +125,9 @@ class TrainConfig:
 
 
 # The presets, one column each: `paper` (GRD-Net as published; the dataclass defaults), `cpu`
-# (the segmenter alone, narrow, 128 px unshuffled to 64: 2,500 steps in under 20 minutes on a 2-core
-# CPU), `grd-cpu` (GRD-Net whole: `cpu` with a half-width generator and discriminator, 1,250 steps in
-# about the same minutes), `tiny` (tests). The cpu gen/disc widths only serve `{"model": {"gan": true}}`.
+# (the segmenter alone, narrow, 128 px unshuffled to 64; 4,000 steps: within 0.02 of its plateau on
+# magnetic_tile, docs/RESULTS.md), `grd-cpu` (GRD-Net whole: `cpu` with a half-width generator and
+# discriminator; 2,000 steps, each about twice a `cpu` step), `tiny` (tests). The cpu gen/disc widths only serve `{"model": {"gan": true}}`.
 PRESET_NAMES = ("paper", "cpu", "grd-cpu", "tiny")
 MODEL_TABLE = {
     #                    paper                          cpu                     grd-cpu                 tiny
@@ -145,7 +145,7 @@ MODEL_TABLE = {
 }
 TRAIN_TABLE = {
     #                            paper         cpu                         grd-cpu                     tiny
-    "steps":                    (None,         2500,                       1250,                       3),
+    "steps":                    (None,         4000,                       2000,                       3),
     "epochs":                   (200,          None,                       None,                       None),
     "max_minutes":              (None,         None,                       None,                       None),
     "batch_size":               (8,            16,                         16,                         4),

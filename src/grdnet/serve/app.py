@@ -27,7 +27,7 @@ from fastapi import Depends, FastAPI, File, HTTPException, Query, Request, Secur
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..describe import describe_model
@@ -88,6 +88,7 @@ class ItemError(BaseModel):
 
 
 class PredictResponse(ItemResult):
+    model_config = ConfigDict(protected_namespaces=())  # `model_id` is ours (pydantic < 2.10 warns)
     threshold: float | None
     threshold_source: Literal["model", "request", "none"]
     model_id: str
@@ -96,6 +97,7 @@ class PredictResponse(ItemResult):
 
 
 class BatchResponse(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
     model_id: str
     threshold: float | None
     threshold_source: Literal["model", "request", "none"]
