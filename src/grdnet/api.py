@@ -25,8 +25,8 @@ def load(path, device: str = "cpu", tile: bool | None = None) -> BasePredictor:
     return Predictor.load(path, device=device, tile=tile)
 
 
-def train(data, out, preset: str = "cpu", *, steps: int | None = None, epochs: int | None = None, max_minutes: float | None = None,
-          image_size: int | None = None, config_file=None, model: dict | None = None,
+def train(data, out, preset: str = "cpu", *, steps: int | None = None, epochs: int | None = None,
+          max_minutes: float | None = None, image_size: int | None = None, config_file=None, model: dict | None = None,
           train: dict | None = None, roi=None, roi_default=None, val_data=None, val_rule: str = "f1",
           **trainer_args) -> Path:
     """Train a model on `data` (MVTec AD layout: `data/train/good`) into the run folder `out`.

@@ -127,7 +127,8 @@ class TrainConfig:
 # The presets, one column each: `paper` (GRD-Net as published; the dataclass defaults), `cpu`
 # (the segmenter alone, narrow, 128 px unshuffled to 64; 4,000 steps: within 0.02 of its plateau on
 # magnetic_tile, docs/RESULTS.md), `grd-cpu` (GRD-Net whole: `cpu` with a half-width generator and
-# discriminator; 2,000 steps, each about twice a `cpu` step), `tiny` (tests). The cpu gen/disc widths only serve `{"model": {"gan": true}}`.
+# discriminator; 2,000 steps, each about twice a `cpu` step), `tiny` (tests). The `cpu` column's
+# generator and discriminator widths serve `{"model": {"gan": true}}` only.
 PRESET_NAMES = ("paper", "cpu", "grd-cpu", "tiny")
 MODEL_TABLE = {
     #                    paper                          cpu                     grd-cpu                 tiny

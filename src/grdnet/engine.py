@@ -77,10 +77,6 @@ class Plan:
     def round_batches(self) -> int:
         return self.passes * self.per_rank // self.batch
 
-    @property
-    def images_per_pass(self) -> int:
-        return self.per_rank * self.world_size
-
 
 def plan_training(n_images: int, train_cfg: TrainConfig, world_size: int = 1) -> Plan:
     """The run's length and rounds. `epochs` E means E passes: the batches that show each image E
@@ -321,7 +317,8 @@ class SpeedReport(L.Callback):
         left = self.plan.steps - pl_module.batches_trained
         text = f"{rate:.2f} steps/s here: about {left / rate / 60:.1f} more minutes for {left:,} steps"
         if self.max_minutes is not None and left / rate / 60 > self.max_minutes:
-            text += f" (the {self.max_minutes:g}-minute budget stops it after about {int(rate * self.max_minutes * 60):,})"
+            stop = int(rate * self.max_minutes * 60)
+            text += f" (the {self.max_minutes:g}-minute budget stops it after about {stop:,})"
         print(text, file=self.stream or sys.stdout, flush=True)
 
 
@@ -576,9 +573,10 @@ def _summary(data, trainer: L.Trainer, module: GRDNetModule, plan: Plan, seconds
     steps = module.batches_trained
     return {"data": str(Path(data).resolve()), "n_train": n_train, "n_val": n_val, "steps": steps,
             "planned_steps": plan.steps, "stopped_by": "steps" if steps >= plan.steps else "max_minutes",
-            "epochs": round(steps * plan.batch * plan.world_size / n_train, 2), "rounds": math.ceil(steps / plan.round_batches),
-            "batch_size": plan.batch, "optimizer_steps": trainer.global_step, "minutes": round(seconds / 60, 2),
-            "seconds": round(seconds, 3), "world_size": trainer.world_size,
+            "epochs": round(steps * plan.batch * plan.world_size / n_train, 2),
+            "rounds": math.ceil(steps / plan.round_batches), "batch_size": plan.batch,
+            "optimizer_steps": trainer.global_step, "minutes": round(seconds / 60, 2), "seconds": round(seconds, 3),
+            "world_size": trainer.world_size,
             "precision": precision, "train_config": to_dict(module.train_cfg), "grdnet": __version__,
             "roi": {"source": str(roi) if roi else None, "mode": module.train_cfg.roi_mode},
             "finished": dt.datetime.now().isoformat(timespec="seconds")}
