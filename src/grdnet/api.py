@@ -53,8 +53,6 @@ def train(data, out, preset: str = "cpu", *, steps: int | None = None, epochs: i
     model, train = dict(model or {}), dict(train or {})
     if image_size is not None:
         model["image_size"] = image_size
-    if steps is not None and epochs is not None:
-        raise GRDNetError("give the training length by steps or by epochs, not both")
     if steps is not None:
         train["steps"] = steps
     if epochs is not None:

@@ -92,8 +92,8 @@ def quantile_threshold(good_scores, quantile: float) -> float:
         return empirical
     from scipy.stats import t as student_t
 
-    logits = np.log(np.clip(scores, 1e-6, 1 - 1e-6) / (1 - np.clip(scores, 1e-6, 1 - 1e-6)))
-    n = logits.size
+    p = np.clip(scores, 1e-6, 1 - 1e-6)
+    logits, n = np.log(p / (1 - p)), p.size
     bound = logits.mean() + student_t.ppf(quantile, n - 1) * logits.std(ddof=1) * np.sqrt(1 + 1 / n)
     return max(empirical, float(1 / (1 + np.exp(-bound))))
 

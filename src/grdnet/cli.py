@@ -58,8 +58,6 @@ def _train_args(p: argparse.ArgumentParser):
 
 def _train_overrides(a) -> tuple[dict, dict]:
     model = {k: v for k, v in {"image_size": a.image_size}.items() if v is not None}
-    if a.steps is not None and a.epochs is not None:
-        raise GRDNetError("give the training length by --steps or by --epochs, not both")
     train = {k: v for k, v in {"steps": a.steps, "epochs": a.epochs, "max_minutes": a.max_minutes,
                                "batch_size": a.batch_size, "lr": a.lr, "seed": a.seed, "texture_dir": a.textures,
                                "roi_mode": a.roi_mode}.items() if v is not None}

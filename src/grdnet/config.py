@@ -116,8 +116,8 @@ class TrainConfig:
             raise GRDNetError(f"line_share ({self.line_share}) and band_share ({self.band_share}) are shares: "
                               "each at least 0, together at most 1")
         if (self.steps is None) == (self.epochs is None):
-            raise GRDNetError("set the training length by steps or by epochs: exactly one of them, "
-                              f"got steps={self.steps}, epochs={self.epochs}")
+            raise GRDNetError("set the training length by steps or by epochs, not both and not neither "
+                              f"(got steps={self.steps}, epochs={self.epochs})")
         if (self.steps if self.steps is not None else self.epochs) < 1:
             raise GRDNetError(f"the training length must be positive, got steps={self.steps}, epochs={self.epochs}")
         if self.roi_mode not in ("target", "prediction", "none"):

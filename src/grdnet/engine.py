@@ -558,7 +558,6 @@ def _fit(trainer: L.Trainer, out: Path, datamodule, module, resume: bool) -> Non
         for tmp in ckpt_dir.glob(".*.tmp-*"):  # left by a kill inside a checkpoint write
             tmp.unlink(missing_ok=True)
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
         warnings.filterwarnings("ignore", message=".*all_gather is deprecated.*")
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_dir / CHECKPOINT if resume else None,
                     weights_only=True)
