@@ -19,6 +19,10 @@ Sets (default: all):
                     demo's sizes with seed 1, so never the demo's test split), cached in OUT/sets
   magnetic_tile-30  small-data versions: the same test split, 30 training images drawn with
   deeppcb-30        numpy default_rng(0) (OUT/sets/NAME: symlinks, nothing copied)
+  magnetic_tile-30-lit  magnetic_tile-30 under drifting light: every image, training and test, gets
+                    its own gain in [0.5, 1.5] and offset in [-0.2, 0.4] (intensities 0..1, clipped;
+                    drawn per image with default_rng), as on a line whose good images range from
+                    dark to near-white; masks unchanged (OUT/sets/NAME: PNG copies)
 DATA_ROOT defaults to ../shared/data beside the repository. The test splits here are development
 sets: choose settings on them, then report on data no choice was made on (docs/EXPERIMENTS.md).
 """
@@ -32,6 +36,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 import grdnet
 from grdnet.data import train_images
@@ -39,8 +44,9 @@ from grdnet.demo_data import make_surface_dataset
 from grdnet.evaluation import run_test
 
 REPO = Path(__file__).resolve().parent.parent
-SETS = ("magnetic_tile", "deeppcb", "surface", "magnetic_tile-30", "deeppcb-30")
+SETS = ("magnetic_tile", "deeppcb", "surface", "magnetic_tile-30", "deeppcb-30", "magnetic_tile-30-lit")
 SMALL_N, SMALL_SEED = 30, 0
+LIT_GAIN, LIT_OFFSET = (0.5, 1.5), (-0.2, 0.4)
 COLUMNS = [("image AUROC", "image_auroc", 3), ("pixel AUROC", "pixel_auroc", 3), ("AUPRO", "aupro", 3),
            ("minutes", "minutes", 1), ("steps", "steps", 0), ("false alarms (test/good)", "false_alarm_rate", 3),
            ("... at the bare quantile", "false_alarm_rate_bare_quantile", 3)]
@@ -71,6 +77,26 @@ def small_set(source: Path, dest: Path, n: int = SMALL_N, seed: int = SMALL_SEED
     return dest
 
 
+def lit_set(source: Path, dest: Path, seed: int = SMALL_SEED) -> Path:
+    """`dest`: `source` with every image given its own gain and offset (PNG copies; masks linked)."""
+    if (dest / "done").exists():
+        return dest
+    images = sorted(p.relative_to(source) for part in ("train", "test") for p in (source / part).rglob("*")
+                    if p.is_file() and p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"))
+    for i, rel in enumerate(images):
+        rng = np.random.default_rng([seed, i])
+        gain, offset = rng.uniform(*LIT_GAIN), rng.uniform(*LIT_OFFSET)
+        x = np.asarray(Image.open(source / rel)).astype(np.float32) / 255
+        target = (dest / rel).with_suffix(".png")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.clip(255 * (gain * x + offset) + 0.5, 0, 255).astype(np.uint8)).save(target)
+    link = dest / "ground_truth"
+    if not link.exists():
+        link.symlink_to((source / "ground_truth").resolve(), target_is_directory=True)
+    (dest / "done").write_text("")
+    return dest
+
+
 def resolve_set(name: str, data_root: Path, out: Path) -> Path:
     if name == "surface":
         folder = out / "sets" / "surface"
@@ -78,6 +104,8 @@ def resolve_set(name: str, data_root: Path, out: Path) -> Path:
             make_surface_dataset(folder, n_train=240, n_test_good=40, n_test_defect=80, size=128, channels=3,
                                  seed=1, overwrite=True)
         return folder
+    if name.endswith("-lit"):
+        return lit_set(resolve_set(name[:-len("-lit")], data_root, out), out / "sets" / name)
     if name.endswith(f"-{SMALL_N}"):
         return small_set(data_root / name[:-len(f"-{SMALL_N}")], out / "sets" / name)
     folder = data_root / name

@@ -92,6 +92,8 @@ class TrainConfig:
     rotation: float = 90.0  # augmentation: rotation drawn in [-rotation, +rotation] degrees
     hflip: bool = True  # augmentation: random horizontal flips
     vflip: bool = True  # augmentation: random vertical flips
+    brightness: float = 0.0  # augmentation: brightness shifted by a draw in [-b, b] (intensities 0..1); 0: off
+    contrast: float = 0.0  # augmentation: contrast scaled by a draw in [1 - c, 1 + c]; 0: off
     train_crops: bool = False  # train on native-resolution crops (scored with tiles) instead of resizing
     val_fraction: float = 0.1  # good training images held out to calibrate the threshold
     val_min: int = 8  # at least this many held out (at most a quarter of the images); see calibration.py
@@ -120,6 +122,9 @@ class TrainConfig:
                               f"(got steps={self.steps}, epochs={self.epochs})")
         if (self.steps if self.steps is not None else self.epochs) < 1:
             raise GRDNetError(f"the training length must be positive, got steps={self.steps}, epochs={self.epochs}")
+        if not (0 <= self.brightness <= 1 and 0 <= self.contrast < 1):
+            raise GRDNetError(f"brightness must be in [0, 1] and contrast in [0, 1), got {self.brightness} and "
+                              f"{self.contrast}")
         if self.roi_mode not in ("target", "prediction", "none"):
             raise GRDNetError(f"roi_mode must be target, prediction or none, got {self.roi_mode!r}")
 
@@ -181,6 +186,8 @@ TRAIN_TABLE = {
     "rotation":                 (90.0,         0.0,                        0.0,                        90.0),
     "hflip":                    (True,         True,                       True,                       True),
     "vflip":                    (True,         True,                       True,                       True),
+    "brightness":               (0.0,          0.0,                        0.0,                        0.0),
+    "contrast":                 (0.0,          0.0,                        0.0,                        0.0),
     "train_crops":              (False,        False,                      False,                      False),
     "val_fraction":             (0.1,          0.1,                        0.1,                        0.1),
     "val_min":                  (8,            8,                          8,                          8),

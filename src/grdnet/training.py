@@ -45,6 +45,9 @@ class GRDNetModule(L.LightningModule):
             *([K.RandomVerticalFlip()] if t.vflip else []),
             *([K.RandomAffine(degrees=t.rotation, padding_mode="reflection", p=1.0)] if t.rotation > 0 else []),
         )
+        # Lighting that drifts between good images: on the image channels only, never the ROI's.
+        self.lighting = (K.ColorJiggle(brightness=t.brightness, contrast=t.contrast, p=1.0)
+                         if t.brightness or t.contrast else None)
         # Running sum of this epoch's step losses (for the plateau schedule), and batches trained in total.
         self._loss_sum, self._loss_count, self._loss_epoch = torch.zeros(()), 0, 0
         self.batches_trained = 0
@@ -80,7 +83,12 @@ class GRDNetModule(L.LightningModule):
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self._step_seed(batch_idx, _AUGMENT))
-            return self.augment(batch)
+            if len(self.augment):
+                batch = self.augment(batch)
+            if self.lighting is not None:
+                c = self.model_cfg.channels
+                batch = torch.cat([self.lighting(batch[:, :c]), batch[:, c:]], dim=1)
+            return batch
 
     # ---- the step ------------------------------------------------------------------------------
 
@@ -115,7 +123,7 @@ class GRDNetModule(L.LightningModule):
     def training_step(self, batch: torch.Tensor, batch_idx: int):
         t, c = self.train_cfg, self.model_cfg.channels
         with torch.no_grad():
-            if len(self.augment):
+            if len(self.augment) or self.lighting is not None:
                 batch = self._augment(batch, batch_idx)
             x, roi = batch[:, :c].clamp(0, 1), (batch[:, c:] > 0.5).float()
             defects = self.defects(x, self._defect_generator(batch_idx))
