@@ -146,6 +146,8 @@ def cmd_test(a) -> int:
             print(f"reports written to {a.out} (open {Path(a.out) / 'index.html'})")
         return 0
     predictor = load(a.model, tile=a.tile or None)
+    if a.pixel_threshold is not None:
+        predictor.pixel_threshold = a.pixel_threshold
     if a.out:
         report = write_report(predictor, a.data, a.out, model_path=a.model, threshold=a.threshold,
                               allow_missing_masks=a.allow_missing_masks, gallery_size=a.gallery,
@@ -220,12 +222,14 @@ def cmd_predict(a) -> int:
     for start in range(0, len(paths), a.batch_size):
         chunk = paths[start:start + a.batch_size]
         try:
-            preds = predictor.predict(chunk, threshold=a.threshold, roi=_rois(roi_file, chunk))
+            preds = predictor.predict(chunk, threshold=a.threshold, roi=_rois(roi_file, chunk),
+                                      pixel_threshold=a.pixel_threshold)
         except GRDNetError:
             preds = []
             for p in chunk:  # find which image is bad, keep going with the others
                 try:
-                    preds.append(predictor.predict(p, threshold=a.threshold, roi=_rois(roi_file, [p])[0]))
+                    preds.append(predictor.predict(p, threshold=a.threshold, roi=_rois(roi_file, [p])[0],
+                                                   pixel_threshold=a.pixel_threshold))
                 except GRDNetError as e:
                     preds.append(e)
         for path, pred in zip(chunk, preds):
@@ -236,11 +240,17 @@ def cmd_predict(a) -> int:
                 continue
             image = pil_to_array(open_image(path), 3)
             name = out / f"{path.stem}_overlay.png"
-            Image.fromarray(overlay(image, pred.anomaly_map)).save(name)
+            Image.fromarray(overlay(image, pred.anomaly_map, defects=pred.defect_mask)).save(name)
+            line = {"path": str(path), "score": round(pred.score, 6), "label": pred.label,
+                    "threshold": pred.threshold, "overlay": str(name)}
+            if pred.defect_mask is not None:
+                mask_file = out / f"{path.stem}_defects.png"
+                Image.fromarray(pred.defect_mask.astype(np.uint8) * 255).save(mask_file)
+                line.update(pixel_threshold=pred.pixel_threshold, defect_mask=str(mask_file),
+                            regions=[r.to_dict() for r in pred.regions])
             if a.save_maps:
                 np.save(out / f"{path.stem}_map.npy", pred.anomaly_map)
-            print(json.dumps({"path": str(path), "score": round(pred.score, 6), "label": pred.label,
-                              "threshold": pred.threshold, "overlay": str(name)}), flush=True)
+            print(json.dumps(line), flush=True)
     if failures:
         print(f"error: {failures} of {len(paths)} image(s) could not be scored", file=sys.stderr)
         return 1
@@ -281,12 +291,29 @@ def cmd_roi(a) -> int:
 
 
 def cmd_export(a) -> int:
-    from .export import OnnxPredictor, export_onnx
+    from .export import OnnxPredictor, OpenVinoPredictor, export_onnx, export_openvino
 
-    out = export_onnx(a.model, a.out, opset=a.opset)
-    check = json.loads(OnnxPredictor.load(out).meta["onnx"]["export_check"])
-    print(f"ONNX model written to {out} (opset {a.opset}; max map difference from PyTorch "
-          f"{check['max_abs_map_diff']:.1e} on {check['images']} check images)")
+    if a.format == "onnx":
+        if a.int8 or a.calibration_data:
+            raise GRDNetError("--int8 and --calibration-data are for --format openvino")
+        out = export_onnx(a.model, a.out, opset=a.opset)
+        check = json.loads(OnnxPredictor.load(out).meta["onnx"]["export_check"])
+        print(f"ONNX model written to {out} (opset {a.opset}; max map difference from PyTorch "
+              f"{check['max_abs_map_diff']:.1e} on {check['images']} check images)")
+        return 0
+    if a.calibration_data and not a.int8:
+        raise GRDNetError("--calibration-data is for --int8")
+    out = export_openvino(a.model, a.out, int8=a.int8, calibration_data=a.calibration_data,
+                          calibration_images=a.calibration_images, opset=a.opset)
+    check = json.loads(OpenVinoPredictor.load(out).meta["openvino"]["export_check"])
+    if a.int8:
+        print(f"OpenVINO INT8 model written to {out} (+ {out.with_suffix('.bin').name}; calibrated on "
+              f"{check['calibration']['images']} images of {check['calibration']['folder']}; against PyTorch on "
+              f"{check['images']} {check['checked_on']}: max score difference {check['max_abs_score_diff']:.4f}, "
+              f"mean map difference {check['mean_abs_map_diff']:.4f}, max {check['max_abs_map_diff']:.3f})")
+    else:
+        print(f"OpenVINO model written to {out} (+ {out.with_suffix('.bin').name}; max map difference from "
+              f"PyTorch {check['max_abs_map_diff']:.1e} on {check['images']} check images)")
     return 0
 
 
@@ -338,10 +365,12 @@ def _train_parser(sub) -> None:
 
 def _test_parser(sub) -> None:
     p = sub.add_parser("test", help="evaluate a model on DATA/test with the ground truth")
-    p.add_argument("model", help="model folder, run folder or .onnx file")
+    p.add_argument("model", help="model folder, run folder, .onnx or OpenVINO .xml file")
     p.add_argument("data")
     p.add_argument("--report", help="write the full report as JSON here")
     p.add_argument("--threshold", type=float, help="override the stored threshold")
+    p.add_argument("--pixel-threshold", type=float,
+                   help="override the stored pixel threshold (region-level figures)")
     p.add_argument("--allow-missing-masks", action="store_true",
                    help="evaluate defective images without a mask on image metrics only")
     p.add_argument("--roi", help="ROI masks (folder mirroring DATA, or one mask): maps are multiplied by "
@@ -366,10 +395,12 @@ def _calibrate_parser(sub) -> None:
 
 def _predict_parser(sub) -> None:
     p = sub.add_parser("predict", help="score images; write heatmap overlays and one JSON line per image")
-    p.add_argument("model", help="model folder, run folder or .onnx file")
+    p.add_argument("model", help="model folder, run folder, .onnx or OpenVINO .xml file")
     p.add_argument("inputs", nargs="+", help="image files or folders")
-    p.add_argument("--out", required=True, help="folder for the overlays")
+    p.add_argument("--out", required=True, help="folder for the overlays and defect masks")
     p.add_argument("--threshold", type=float, help="override the stored threshold")
+    p.add_argument("--pixel-threshold", type=float,
+                   help="override the stored pixel threshold of the defect mask and regions")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--save-maps", action="store_true", help="also save each raw map as .npy")
     p.add_argument("--roi", help="one ROI mask applied to every image (zeroes the map outside it)")
@@ -394,9 +425,16 @@ def _roi_parser(sub) -> None:
 def _export_parser(sub) -> None:
     p = sub.add_parser("export", help="export a model to one self-describing file for other runtimes")
     p.add_argument("model", help="model folder or run folder")
-    p.add_argument("--format", choices=["onnx"], default="onnx")
-    p.add_argument("--out", help="output file (default: <model folder>.onnx)")
+    p.add_argument("--format", choices=["onnx", "openvino"], default="onnx",
+                   help="onnx: one .onnx file (default); openvino: an OpenVINO IR, .xml + .bin")
+    p.add_argument("--out", help="output file (default: <model folder>.onnx, or .xml for openvino)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default: 18)")
+    p.add_argument("--int8", action="store_true",
+                   help="openvino: INT8 post-training quantisation (NNCF), calibrated on the training images")
+    p.add_argument("--calibration-data", help="with --int8: calibrate on these good images (a folder, or a "
+                                              "dataset root with train/good) instead of the recorded training data")
+    p.add_argument("--calibration-images", type=int, default=64,
+                   help="with --int8: how many images calibrate (default 64, spread over the folder)")
     p.set_defaults(func=cmd_export)
 
 
@@ -411,7 +449,7 @@ def _demo_parser(sub) -> None:
 
 def _serve_parser(sub) -> None:
     p = sub.add_parser("serve", help="REST API and inspection web page for a model (http://127.0.0.1:8000/)")
-    p.add_argument("model", help="model folder or run folder")
+    p.add_argument("model", help="model folder, run folder, .onnx or OpenVINO .xml file")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--workers", type=int, default=1, help="server processes, each with its own model copy")

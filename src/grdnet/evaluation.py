@@ -10,6 +10,7 @@ import numpy as np
 from .data import image_size_of, load_mask, test_samples
 from .roi import find_rois, roi_for_image
 from .metrics import evaluate, threshold_metrics
+from .regions import RegionTally
 from .scoring import BasePredictor
 
 log = logging.getLogger(__name__)
@@ -26,14 +27,16 @@ def run_test(predictor: BasePredictor, data, threshold: float | None = None, bat
     Pixel metrics come from `bins`-bin histograms (None: exact, for small data); the report's
     `binning` entry states the largest possible difference from the exact values. With
     `curves`, the report also holds the ROC and precision-recall points (numpy arrays) under
-    `curves` (`overall` and `per_type`, each with `image` and `pixel`).
+    `curves` (`overall` and `per_type`, each with `image` and `pixel`). With masks, `regions` holds
+    region-level figures at the predictor's pixel threshold (`regions.RegionTally`).
     """
     samples = test_samples(data, allow_missing_masks=allow_missing_masks)
     roi_paths = find_rois([s.path for s in samples], data, roi, roi_default) if roi else [None] * len(samples)
     thr = predictor.threshold if threshold is None else threshold
     has_masks = any(s.mask_path is not None for s in samples)
     rows: list[dict] = []  # one per image, filled while `evaluate` consumes the stream
-    records = _scored_records(predictor, samples, roi_paths, thr, batch_size, has_masks, rows, on_result)
+    tally = RegionTally()
+    records = _scored_records(predictor, samples, roi_paths, thr, batch_size, has_masks, rows, on_result, tally)
     result = evaluate(records, bins=bins, details=True)
     overall = result["overall"]
     details = result["details"]
@@ -52,6 +55,8 @@ def run_test(predictor: BasePredictor, data, threshold: float | None = None, bat
         "threshold": thr,
         "threshold_source": "override" if threshold is not None else predictor.meta.get("threshold_rule"),
         "at_threshold": threshold_metrics(scores, labels, thr) if thr is not None else None,
+        "regions": {"pixel_threshold": predictor.pixel_threshold if predictor.pixel_threshold is not None else thr,
+                    **tally.figures()} if has_masks and (predictor.pixel_threshold, thr) != (None, None) else None,
         "binning": _binning(bins, details),
         "images": rows,
     }
@@ -61,7 +66,7 @@ def run_test(predictor: BasePredictor, data, threshold: float | None = None, bat
 
 
 def _scored_records(predictor: BasePredictor, samples: list, roi_paths: list, threshold: float | None,
-                    batch_size: int, has_masks: bool, rows: list[dict], on_result):
+                    batch_size: int, has_masks: bool, rows: list[dict], on_result, tally: RegionTally):
     """Score `samples` batch by batch and yield `evaluate`'s records; append each image's row
     to `rows` and call `on_result` on the way. Nothing outlives its batch but the rows."""
     for start in range(0, len(samples), batch_size):
@@ -76,6 +81,8 @@ def _scored_records(predictor: BasePredictor, samples: list, roi_paths: list, th
             if has_masks and (s.label == 0 or s.mask_path is not None):
                 h, w = p.anomaly_map.shape
                 mask = load_mask(s.mask_path, (w, h)) if s.mask_path else np.zeros((h, w), bool)
+                if p.defect_mask is not None:
+                    tally.add(p.defect_mask, mask if r is None else mask & r)
             rows.append({"path": str(s.path), "defect_type": s.defect_type, "label": s.label,
                          "score": p.score, "decision": int(p.is_anomalous)})
             if on_result is not None:
@@ -120,6 +127,12 @@ def summary_lines(report: dict) -> list[str]:
     if at:
         lines.append(f"at threshold {at['threshold']:.4f}: precision {f(at['precision'])} recall {f(at['recall'])} "
                      f"F1 {f(at['f1'])}")
+    g = report.get("regions")
+    if g and g["gt_regions"]:
+        lines.append(f"regions at pixel threshold {g['pixel_threshold']:.4f}: {g['gt_regions_found']} of "
+                     f"{g['gt_regions']} defect regions found ({g['gt_region_recall']:.1%}); false regions per good "
+                     f"image {f(g['false_regions_per_good_image'])}, per defective image "
+                     f"{f(g['false_regions_per_defective_image'])}")
     for t, v in sorted(report["per_type"].items()):
         lines.append(f"  {t:<12} image AUROC {f(v.get('image_auroc'))}  pixel AUROC {f(v.get('pixel_auroc'))}  "
                      f"AUPRO {f(v.get('aupro'))}")

@@ -12,6 +12,7 @@ the pixel-wise maximum of its views' maps and its score the largest of their sco
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from .config import ModelConfig
 from .data import array_to_tensor, open_image, pil_to_array, resize_to, short_side_size
 from .errors import GRDNetError
 from .model import INFERENCE_PARTS, GRDNet
+from .regions import Region, defect_mask, find_regions
 
 ImageInput = Union[str, Path, np.ndarray, Image.Image]
 
@@ -58,17 +60,33 @@ def image_views(cfg: ModelConfig, hw: tuple[int, int], tile: bool) -> tuple[str,
 
 @dataclass
 class Prediction:
-    """The result for one image. `anomaly_map` has the input image's own size (H, W)."""
+    """The result for one image. `anomaly_map` has the input image's own size (H, W);
+    `defect_mask` and `regions` are the map at `pixel_threshold`, inside the ROI if one was given."""
 
     score: float
     is_anomalous: bool
     threshold: float | None
     anomaly_map: np.ndarray = field(repr=False)
     path: str | None = None
+    pixel_threshold: float | None = None
+    roi: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def label(self) -> str:
         return "defective" if self.is_anomalous else "good"
+
+    @functools.cached_property
+    def defect_mask(self) -> np.ndarray | None:
+        """(H, W) bool: the pixels whose map value reaches `pixel_threshold` (None without one)."""
+        if self.pixel_threshold is None:
+            return None
+        return defect_mask(self.anomaly_map, self.pixel_threshold, self.roi)
+
+    @functools.cached_property
+    def regions(self) -> list[Region]:
+        """The defect mask's 8-connected regions (box, area, peak and mean score), highest peak first."""
+        mask = self.defect_mask
+        return [] if mask is None else find_regions(self.anomaly_map, mask)
 
 
 def to_numpy_image(item: ImageInput, channels: int) -> tuple[np.ndarray, str | None]:
@@ -107,6 +125,8 @@ class BasePredictor:
             raise ValueError(f"tile_overlap must be in [0, 1), got {tile_overlap}")
         self.cfg, self.threshold, self.meta = cfg, threshold, meta or {}
         self.tile, self.tile_overlap = tile, tile_overlap
+        # Models calibrated before pixel thresholds existed: the image threshold stands in.
+        self.pixel_threshold: float | None = self.meta.get("pixel_threshold")
 
     def _run(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, C, S, S) in [0, 1] -> (anomaly maps (B, 1, S, S) float, image scores (B,))."""
@@ -117,10 +137,13 @@ class BasePredictor:
         return self._run(batch)[0][:, :1]
 
     def predict(self, images: ImageInput | Sequence[ImageInput], threshold: float | None = None,
-                batch_size: int = 16, roi=None, tile: bool | None = None) -> Prediction | list[Prediction]:
-        """Score one image or a list. `threshold` overrides the stored one. `roi`, optional: a
-        bool (H, W) array for every image, or a list with one per image (None: no ROI); the map
-        is zeroed outside it before scoring (a user's explicit choice: the model needs no ROI).
+                batch_size: int = 16, roi=None, tile: bool | None = None,
+                pixel_threshold: float | None = None) -> Prediction | list[Prediction]:
+        """Score one image or a list. `threshold` overrides the stored image threshold,
+        `pixel_threshold` the stored pixel threshold of the defect mask and regions (a model
+        without one uses its image threshold). `roi`, optional: a bool (H, W) array for every
+        image, or a list with one per image (None: no ROI); the map is zeroed outside it before
+        scoring and regions lie inside it (a user's explicit choice: the model needs no ROI).
 
         `tile` (default: the predictor's setting): an image larger than the model size is cut
         into overlapping model-size tiles at its own resolution (no downscaling, so small defects
@@ -137,6 +160,10 @@ class BasePredictor:
         for start in range(0, len(items), batch_size):
             end = start + batch_size
             out.extend(self._predict_batch(items[start:end], threshold, rois[start:end], tile, batch_size))
+        pixel_thr = next((t for t in (pixel_threshold, self.pixel_threshold, threshold, self.threshold)
+                          if t is not None), None)
+        for p, r in zip(out, rois):
+            p.pixel_threshold, p.roi = pixel_thr, None if r is None else np.asarray(r, dtype=bool)
         return out[0] if single else out
 
     def _predict_batch(self, items, threshold, rois, tile: bool, batch_size: int) -> list[Prediction]:

@@ -1,5 +1,5 @@
-"""Heatmap overlays for people: the anomaly map in a colour scale over the image, and the
-ground-truth contour when there is one."""
+"""Heatmap overlays for people: the anomaly map in a colour scale over the image, the contours of
+the found defect regions, and the ground-truth contour when there is one."""
 from __future__ import annotations
 
 import numpy as np
@@ -17,10 +17,14 @@ def colorize(anomaly_map: np.ndarray) -> np.ndarray:
     return ((1 - f) * _STOPS[i] + f * _STOPS[i + 1]).astype(np.uint8)
 
 
+REGION_COLOUR = (255, 0, 255)  # magenta: apart from every colour of the heat scale
+
+
 def overlay(image: np.ndarray, anomaly_map: np.ndarray, mask: np.ndarray | None = None,
-            alpha: float = 0.5) -> np.ndarray:
+            alpha: float = 0.5, defects: np.ndarray | None = None) -> np.ndarray:
     """Blend the coloured map over the image (weighted by the map itself, so good regions stay
-    visible); draw the ground-truth mask's contour in white when given. Returns (H, W, 3) uint8."""
+    visible); draw the contour of the defect mask `defects` (the found regions) in magenta and
+    the ground-truth mask's in white when given. Returns (H, W, 3) uint8."""
     img = image.astype(np.float32)
     if img.ndim == 2:
         img = img[..., None]
@@ -31,7 +35,13 @@ def overlay(image: np.ndarray, anomaly_map: np.ndarray, mask: np.ndarray | None 
     heat = colorize(anomaly_map).astype(np.float32)
     w = alpha * np.clip(anomaly_map, 0, 1)[..., None] ** 0.5
     out = (1 - w) * img + w * heat
-    if mask is not None and mask.any():
-        edge = mask & ~ndimage.binary_erosion(mask, iterations=1)
-        out[edge] = 255
+    for outline, colour in ((defects, REGION_COLOUR), (mask, (255, 255, 255))):
+        if outline is not None and outline.any():
+            out[contour(outline)] = colour
     return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def contour(mask: np.ndarray) -> np.ndarray:
+    """The pixels of `mask` on its boundary (one pixel wide)."""
+    mask = np.asarray(mask, bool)
+    return mask & ~ndimage.binary_erosion(mask, iterations=1)
