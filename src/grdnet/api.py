@@ -4,14 +4,15 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from .config import build_config, file_section
+from .config import ModelConfig, TrainConfig, build_config, file_section
 from .errors import GRDNetError
 from .scoring import BasePredictor, Predictor
 
 
 def load(path, device: str = "cpu", tile: bool | None = None) -> BasePredictor:
     """Load a trained model for prediction: a model folder or a run folder (PyTorch `Predictor`),
-    or a `.onnx` file written by `grdnet export` (ONNX Runtime `OnnxPredictor`, CPU).
+    a `.onnx` file written by `grdnet export` (ONNX Runtime `OnnxPredictor`, CPU), or an `.xml`
+    written by `grdnet export --format openvino` (OpenVINO `OpenVinoPredictor`, CPU).
 
     `tile`: score images larger than the model as overlapping tiles (default: only for models
     trained on crops); see `BasePredictor.predict`.
@@ -22,6 +23,12 @@ def load(path, device: str = "cpu", tile: bool | None = None) -> BasePredictor:
         if str(device) != "cpu":
             raise GRDNetError(f"{path}: ONNX models run on the CPU here; load the model folder for device {device}")
         return OnnxPredictor.load(path, tile=tile)
+    if Path(path).suffix.lower() == ".xml" and not Path(path).is_dir():
+        from .export import OpenVinoPredictor
+
+        if str(device) != "cpu":
+            raise GRDNetError(f"{path}: OpenVINO models run on the CPU here; load the model folder for device {device}")
+        return OpenVinoPredictor.load(path, tile=tile)
     return Predictor.load(path, device=device, tile=tile)
 
 
@@ -50,19 +57,8 @@ def train(data, out, preset: str = "cpu", *, steps: int | None = None, epochs: i
         if not labelled_images(val_data):  # fail before training, not after it
             raise GRDNetError(f"{val_data}: no images found in the validation folder")
 
-    model, train = dict(model or {}), dict(train or {})
-    if image_size is not None:
-        model["image_size"] = image_size
-    if steps is not None:
-        train["steps"] = steps
-    if epochs is not None:
-        train["epochs"] = epochs
-    if max_minutes is not None:
-        train["max_minutes"] = max_minutes
-    model_cfg, train_cfg = build_config(preset, model, train, config_file)
-    if "channels" not in model and "channels" not in file_section(config_file, "model"):
-        from .data import infer_channels, train_images
-        model_cfg = dataclasses.replace(model_cfg, channels=infer_channels(train_images(data)))
+    model_cfg, train_cfg = resolve_config(data, preset, steps=steps, epochs=epochs, max_minutes=max_minutes,
+                                          image_size=image_size, config_file=config_file, model=model, train=train)
     folder = _train(data, out, model_cfg, train_cfg, roi=roi, roi_default=roi_default, **trainer_args)
     if val_data is not None:
         from lightning.pytorch.utilities import rank_zero_only
@@ -72,3 +68,21 @@ def train(data, out, preset: str = "cpu", *, steps: int | None = None, epochs: i
 
             calibrate(folder, val_data, val_rule)
     return folder
+
+
+def resolve_config(data=None, preset: str = "cpu", *, steps: int | None = None, epochs: int | None = None,
+                   max_minutes: float | None = None, image_size: int | None = None, config_file=None,
+                   model: dict | None = None, train: dict | None = None) -> tuple[ModelConfig, TrainConfig]:
+    """The configuration `train` would use: the preset, then `config_file` (JSON, YAML or a run's
+    run.json), then the explicit overrides; the image channels from `data` unless a layer sets them."""
+    model, train = dict(model or {}), dict(train or {})
+    if image_size is not None:
+        model["image_size"] = image_size
+    for key, value in (("steps", steps), ("epochs", epochs), ("max_minutes", max_minutes)):
+        if value is not None:
+            train[key] = value
+    model_cfg, train_cfg = build_config(preset, model, train, config_file)
+    if data is not None and "channels" not in model and "channels" not in file_section(config_file, "model"):
+        from .data import infer_channels, train_images
+        model_cfg = dataclasses.replace(model_cfg, channels=infer_channels(train_images(data)))
+    return model_cfg, train_cfg

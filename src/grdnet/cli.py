@@ -36,7 +36,10 @@ def _train_args(p: argparse.ArgumentParser):
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int)
-    p.add_argument("--config", help="JSON file with 'model' and 'train' sections overriding the preset")
+    p.add_argument("--config", help="config file overriding the preset: JSON or YAML with 'model' and 'train' "
+                                    "sections, or a run's run.json (its data, ROI and precision too, unless given)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved configuration (usable as --config) and exit without training")
     p.add_argument("--textures", help="folder of texture images used as synthetic anomaly sources")
     p.add_argument("--roi", help="ROI masks: a folder mirroring DATA (train/good/<stem>.png) or one mask for all")
     p.add_argument("--roi-default", help="ROI mask for images that have none in --roi")
@@ -69,12 +72,39 @@ def _devices(v: str):
     return int(v) if v.lstrip("-").isdigit() else v
 
 
+def _from_record(a) -> None:
+    """Fill what a run.json given as --config records and the command line leaves out."""
+    from .config import is_run_record, read_config_file
+
+    record = read_config_file(a.config) if a.config else {}
+    if not is_run_record(record):
+        if a.data is None and not a.print_config:
+            raise GRDNetError("no training data: give DATA (or a run's run.json as --config)")
+        return
+    roi = record.get("roi") or {}
+    a.data = a.data or record.get("data")
+    a.roi = a.roi or roi.get("source")
+    a.roi_default = a.roi_default or roi.get("default")
+    a.precision = a.precision or (record.get("trainer") or {}).get("precision")
+    if a.data is None and not a.print_config:
+        raise GRDNetError(f"{a.config}: records no training data; give DATA")
+
+
 def cmd_train(a) -> int:
-    from .api import train
+    from .api import resolve_config, train
+    from .config import to_json_dict
     from .data import category_dirs
     from .modelfile import read_config
 
+    _from_record(a)
     model, tr = _train_overrides(a)
+    if a.print_config:
+        data = a.data if a.data and (Path(a.data) / "train" / "good").is_dir() else None
+        m, t = resolve_config(data, a.preset, config_file=a.config, model=model, train=tr)
+        print(json.dumps({"model": to_json_dict(m), "train": to_json_dict(t)}, indent=2))
+        return 0
+    if a.out is None:
+        raise GRDNetError("--out is required: the run folder to write")
 
     def one(data, out, val_data):
         path = train(data, out, a.preset, config_file=a.config, model=model, train=tr,
@@ -350,8 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="train on DATA/train/good (MVTec AD layout)")
-    p.add_argument("data")
-    p.add_argument("--out", required=True, help="run folder to write")
+    p.add_argument("data", nargs="?", help="dataset folder (default: the one a --config run.json records)")
+    p.add_argument("--out", help="run folder to write (required unless --print-config)")
     _train_args(p)
     p.add_argument("--all-categories", action="store_true",
                    help="DATA holds one MVTec-layout folder per category: train each into OUT/<category>")

@@ -213,18 +213,37 @@ def _checked(cls, table: dict, where: str) -> dict:
     return table
 
 
-def file_section(config_file, section: str) -> dict:
-    """One section ("model" or "train") of a JSON config file; {} when there is no file."""
-    if config_file is None:
-        return {}
+def read_config_file(config_file) -> dict:
+    """A config file as a dict with "model" and/or "train" sections: JSON, YAML (.yaml, .yml), or
+    the `run.json` a training run wrote (which also holds "data", "roi", "trainer", ...: a run is
+    repeatable from its own record)."""
     path = Path(config_file)
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        text = path.read_text()
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except (OSError, ValueError) as e:  # yaml.YAMLError and json.JSONDecodeError are ValueErrors
         raise GRDNetError(f"{path}: cannot read config ({e})") from None
-    if not isinstance(data, dict) or not set(data) <= {"model", "train"}:
-        raise GRDNetError(f"{path}: expected a JSON object with 'model' and/or 'train' sections")
-    return data.get(section, {})
+    if not isinstance(data, dict) or not (set(data) <= {"model", "train"} or is_run_record(data)):
+        raise GRDNetError(f"{path}: expected an object with 'model' and/or 'train' sections (or a run's run.json)")
+    for section in ("model", "train"):
+        if not isinstance(data.get(section, {}), dict):
+            raise GRDNetError(f"{path}: the '{section}' section must be an object of option: value")
+    return data
+
+
+def is_run_record(data: dict) -> bool:
+    """Whether a config document is a run's run.json (written by `grdnet train`)."""
+    return {"grdnet", "model", "train", "attempts"} <= set(data)
+
+
+def file_section(config_file, section: str) -> dict:
+    """One section ("model" or "train") of a config file; {} when there is no file."""
+    return {} if config_file is None else read_config_file(config_file).get(section, {})
 
 
 def build_config(preset: str = "cpu", model: dict | None = None, train: dict | None = None,
