@@ -3,6 +3,7 @@ Python API, the CLI, the test report and the service."""
 import base64
 import io
 import json
+import shutil
 
 import numpy as np
 import torch
@@ -127,3 +128,17 @@ def test_trained_model_has_a_pixel_threshold_and_cli_writes_regions(trained_tiny
     report = run_test(grdnet.load(run), data)
     g = report["regions"]
     assert g["gt_regions"] == 4 and 0 <= g["gt_region_recall"] <= 1 and g["pixel_threshold"] == doc["pixel_threshold"]
+
+
+def test_top_level_api_offers_what_the_cli_offers(trained_tiny, tmp_path):
+    run, data = trained_tiny
+    model = tmp_path / "model"
+    shutil.copytree(run / "model", model)  # calibrate rewrites it; the session's model stays as it is
+    one = grdnet.predict(model, data / "test" / "hole" / "000.png", pixel_threshold=0.0)
+    assert one.defect_mask.all() and len(one.regions) == 1
+    report = grdnet.test(model, data, out=tmp_path / "report")
+    assert (tmp_path / "report" / "index.html").is_file() and report["regions"]["gt_regions"] == 4
+    val = tmp_path / "val"
+    shutil.copytree(data / "test", val)
+    record = grdnet.calibrate(model, val, rule="quantile")
+    assert json.loads((model / "config.json").read_text())["threshold"] == record["threshold"]

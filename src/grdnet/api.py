@@ -86,3 +86,41 @@ def resolve_config(data=None, preset: str = "cpu", *, steps: int | None = None, 
         from .data import infer_channels, train_images
         model_cfg = dataclasses.replace(model_cfg, channels=infer_channels(train_images(data)))
     return model_cfg, train_cfg
+
+
+def predict(model, images, *, threshold: float | None = None, pixel_threshold: float | None = None, roi=None,
+            tile: bool | None = None, batch_size: int = 16, device: str = "cpu"):
+    """Load `model` (as `load` does) and score `images`: a path, array or PIL image gives one
+    `Prediction`, a list gives a list. Loading once and calling `predict` on the loaded model is
+    faster for many calls."""
+    return load(model, device=device, tile=tile).predict(images, threshold=threshold, batch_size=batch_size,
+                                                         roi=roi, pixel_threshold=pixel_threshold)
+
+
+def test(model, data, *, out=None, threshold: float | None = None, pixel_threshold: float | None = None, roi=None,
+         roi_default=None, allow_missing_masks: bool = False, tile: bool | None = None, gallery_size: int = 6,
+         device: str = "cpu") -> dict:
+    """Evaluate `model` on `data/test` with its ground truth (what `grdnet test` does); returns the
+    report dict (metrics overall and per defect type, per-image rows, region-level figures). With
+    `out`, also writes the report folder (report.json, images.csv, curves, gallery, index.html)."""
+    from .evaluation import run_test
+    from .report import write_report
+
+    predictor = load(model, device=device, tile=tile)
+    if pixel_threshold is not None:
+        predictor.pixel_threshold = pixel_threshold
+    if out is not None:
+        return write_report(predictor, data, out, model_path=model, threshold=threshold,
+                            allow_missing_masks=allow_missing_masks, gallery_size=gallery_size, roi=roi,
+                            roi_default=roi_default)
+    return run_test(predictor, data, threshold=threshold, allow_missing_masks=allow_missing_masks, roi=roi,
+                    roi_default=roi_default)
+
+
+def calibrate(model, val_data, rule: str = "f1", quantile: float | None = None) -> dict:
+    """Set a model folder's threshold on a labelled validation folder (`good/` + defect folders,
+    never the test split) by `rule` ("f1" or "quantile"); rewrites its config.json and returns the
+    calibration record."""
+    from .calibration import calibrate as _calibrate
+
+    return _calibrate(model, val_data, rule=rule, quantile=quantile)
