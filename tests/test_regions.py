@@ -137,7 +137,8 @@ def test_top_level_api_offers_what_the_cli_offers(trained_tiny, tmp_path):
     one = grdnet.predict(model, data / "test" / "hole" / "000.png", pixel_threshold=0.0)
     assert one.defect_mask.all() and len(one.regions) == 1
     report = grdnet.test(model, data, out=tmp_path / "report")
-    assert (tmp_path / "report" / "index.html").is_file() and report["regions"]["gt_regions"] == 4
+    assert report["regions"]["gt_regions"] == 4
+    assert "Defect regions at the pixel threshold" in (tmp_path / "report" / "index.html").read_text()
     val = tmp_path / "val"
     shutil.copytree(data / "test", val)
     record = grdnet.calibrate(model, val, rule="quantile")

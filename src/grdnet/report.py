@@ -65,7 +65,10 @@ class Gallery:
         if mask is not None and mask.any():
             # BOX keeps a thin defect visible: any covered thumbnail pixel stays in the mask.
             small_mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(thumb, Image.BOX)) > 0
-        entry = (key, next(self._order), sample, pred.score, pred.is_anomalous, small_map, small_mask)
+        small_defects = None
+        if pred.defect_mask is not None and pred.defect_mask.any():
+            small_defects = np.asarray(Image.fromarray(pred.defect_mask.astype(np.uint8) * 255).resize(thumb, Image.BOX)) > 0
+        entry = (key, next(self._order), sample, pred.score, pred.is_anomalous, small_map, small_mask, small_defects)
         if len(heap) >= self.size:
             heapq.heapreplace(heap, entry)
         else:
@@ -84,11 +87,12 @@ def _thumb_size(w: int, h: int) -> tuple[int, int]:
 
 
 def _render_entry(entry, path: Path) -> None:
-    """Input image beside its overlay (heatmap + ground-truth contour in white)."""
-    _, _, sample, _, _, small_map, small_mask = entry
+    """Input image beside its overlay (heatmap, found regions' contours in magenta, ground-truth
+    contour in white)."""
+    _, _, sample, _, _, small_map, small_mask, small_defects = entry
     image = Image.fromarray(pil_to_array(open_image(sample.path), 3))
     image = np.asarray(image.resize(small_map.shape[::-1], Image.LANCZOS))
-    over = overlay(image, small_map, small_mask)
+    over = overlay(image, small_map, small_mask, defects=small_defects)
     gap = np.full((image.shape[0], 6, 3), 255, np.uint8)
     Image.fromarray(np.concatenate([image, gap, over], axis=1)).save(path)
 
@@ -227,6 +231,7 @@ def _html(report: dict) -> str:
 <p class="note">An image is flagged defective when its score is &ge; the threshold. The threshold was
 not fitted on this test set (rule above).</p>
 {_decision_table(report.get("at_threshold"))}
+{_region_table(report.get("regions"))}
 <h2>Metrics</h2>
 <p class="note">Each defect type is scored against all good images (the usual MVTec AD breakdown).
 AUPRO: area under the per-region-overlap curve up to 30% false-positive rate, normalised.</p>
@@ -237,7 +242,8 @@ AUPRO: area under the per-region-overlap curve up to 30% false-positive rate, no
 <img class="plot" src="pr.png" alt="precision-recall curves">
 <img class="plot" src="scores.png" alt="score histogram">
 <h2>Worst misses: defective images with the lowest scores</h2>
-<p class="note">Left: the image; right: the anomaly map over it, ground truth outlined in white.</p>
+<p class="note">Left: the image; right: the anomaly map over it, found defect regions outlined in magenta,
+ground truth in white.</p>
 {_gallery_cards(report["gallery"], "miss")}
 <h2>False alarms: good images with the highest scores</h2>
 {_gallery_cards(report["gallery"], "alarm")}
@@ -267,6 +273,20 @@ def _decision_table(at: dict | None) -> str:
             f"<th>FP</th><th>TN</th><th>FN</th></tr><tr><td>{at['threshold']:.4f}</td>"
             f"<td>{_fmt(at['precision'])}</td><td>{_fmt(at['recall'])}</td><td>{_fmt(at['f1'])}</td>"
             f"<td>{at['tp']}</td><td>{at['fp']}</td><td>{at['tn']}</td><td>{at['fn']}</td></tr></table>")
+
+
+def _region_table(regions: dict | None) -> str:
+    if not regions or not regions["gt_regions"]:
+        return ""
+    g = regions
+    return (f"<h2>Defect regions at the pixel threshold</h2><p class=\"note\">A pixel is a defect pixel when its "
+            f"map value is &ge; {g['pixel_threshold']:.4f}; a ground-truth region counts as found when a defect "
+            f"pixel falls on it; a found region touching no ground truth is false.</p>"
+            f"<table><tr><th>ground-truth regions</th><th>found</th><th>false regions per good image</th>"
+            f"<th>good images with a region</th><th>false regions per defective image</th></tr>"
+            f"<tr><td>{g['gt_regions']}</td><td>{g['gt_regions_found']} ({_fmt(g['gt_region_recall'], 3)})</td>"
+            f"<td>{_fmt(g['false_regions_per_good_image'], 3)}</td><td>{_fmt(g['good_images_with_a_region'], 3)}</td>"
+            f"<td>{_fmt(g['false_regions_per_defective_image'], 3)}</td></tr></table>")
 
 
 def _metric_rows(report: dict) -> str:
