@@ -12,9 +12,9 @@ defects in new images:
 from .api import load, train
 from .config import ModelConfig, TrainConfig, build_config
 from .errors import GRDNetError
-from .export import OnnxPredictor, export_onnx
+from .export import OnnxPredictor, OpenVinoPredictor, export_onnx, export_openvino
 from .scoring import Prediction, Predictor
 from .version import __version__
 
-__all__ = ["load", "train", "Predictor", "OnnxPredictor", "export_onnx", "Prediction", "ModelConfig", "TrainConfig", "build_config",
+__all__ = ["load", "train", "Predictor", "OnnxPredictor", "OpenVinoPredictor", "export_onnx", "export_openvino", "Prediction", "ModelConfig", "TrainConfig", "build_config",
            "GRDNetError", "__version__"]
