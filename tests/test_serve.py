@@ -266,6 +266,111 @@ def test_batch_limits(client, part):
     assert_error(client.post("/predict/batch", files={"file": ("a.png", part[1])}), 422, "files: Field required")
 
 
+# ---- regions of interest -----------------------------------------------------------------------
+
+SHAPES = {"rects": [[3, 4, 20, 15]], "polygons": [[30, 5, 45, 10, 38, 35]]}
+
+
+def roi_of(client, width=48, height=40, shapes=SHAPES, **kw):
+    data = {"width": str(width), "height": str(height),
+            "shapes": shapes if isinstance(shapes, str) else json.dumps(shapes)}
+    # files={} forces multipart/form-data, as the page sends it
+    return client.post("/roi", data=data, files=kw.pop("files", {"_": ("", b"")}), **kw)
+
+
+def test_roi_endpoint_writes_what_grdnet_roi_writes(client, part, tmp_path, capsys):
+    from grdnet.cli import main
+
+    r = roi_of(client)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "image/png" and 'filename="roi.png"' in r.headers["content-disposition"]
+    out = tmp_path / "roi.png"
+    assert main(["roi", "--like", str(part[0]), "--rect", "3,4,20,15", "--polygon", "30,5,45,10,38,35",
+                 "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert r.content == out.read_bytes()  # the same file, byte for byte
+    png = Image.open(io.BytesIO(r.content))
+    assert png.mode == "L" and png.size == (48, 40)
+    mask = np.asarray(png)
+    assert set(np.unique(mask)) == {0, 255} and mask[4:16, 3:21].all() and not mask[0:4].any()
+    assert float(r.headers["x-roi-coverage"]) == pytest.approx((mask > 0).mean(), abs=1e-6)
+    assert "/roi" in client.get("/openapi.json").json()["paths"]
+
+
+def test_roi_endpoint_refuses_bad_shapes(client, predictor):
+    assert_error(roi_of(client, shapes={"rects": []}), 422, "the ROI is empty")
+    assert_error(roi_of(client, shapes={"rects": [[-9, -9, -5, -5]]}), 422, "the ROI is empty")  # all outside
+    assert_error(roi_of(client, shapes="{not json"), 422, "shapes: not valid JSON")
+    assert_error(roi_of(client, shapes="[" * 100_000), 422, "shapes: not valid JSON")
+    assert_error(roi_of(client, shapes='{"rects": [[0, 0, NaN, 4]]}'), 422, "finite numbers")
+    assert_error(roi_of(client, shapes={"rects": [[0, 0, 10 ** 40, 4]]}), 422, "finite numbers")
+    assert_error(roi_of(client, shapes={"rects": [[0, 0, 4]]}), 422, "x0,y0,x1,y1")
+    assert_error(roi_of(client, shapes={"polygons": [[0, 0, 4, 4]]}), 422, "at least 3")
+    assert_error(roi_of(client, shapes={"circles": []}), 422, '"rects"')
+    assert_error(roi_of(client, shapes={"rects": [[0, 0, 1, 1]] * 1001}), 413, "1001 shapes")
+    assert_error(roi_of(client, width=2000, height=2000), 413, "2000x2000", "2000000 pixels")
+    assert_error(roi_of(client, width=0), 422, "width")
+    assert_error(client.post("/roi", data={"width": "4", "height": "4"}, files={"_": ("", b"")}), 422,
+                 "shapes: Field required")
+    assert_error(client.post("/roi", json={"width": 4}), 415, "'width', 'height' and 'shapes'")
+    with TestClient(create_app(predictor, ServeSettings(api_key="s3cret"))) as c:
+        assert_error(roi_of(c), 401, "API key")
+        assert roi_of(c, headers={"X-API-Key": "s3cret"}).status_code == 200
+
+
+def roi_mask(shape=(40, 48), box=(5, 8, 30, 40)):
+    m = np.zeros(shape, np.uint8)
+    m[box[0]:box[2], box[1]:box[3]] = 255
+    return m
+
+
+def test_predict_with_a_roi_restricts_the_map_and_the_score(client, predictor, part):
+    _, data, arr = part
+    mask = roi_mask()
+    r = client.post("/predict", params={"overlay": "true"},
+                    files={"file": ("part.png", data), "roi": ("roi.png", encode(mask))})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    expected = predictor.predict(arr, roi=mask > 0)
+    assert body["score"] == pytest.approx(expected.score, abs=1e-6)
+    assert body["roi"] == {"filename": "roi.png", "coverage": pytest.approx((mask > 0).mean()),
+                           "resized_from": None}
+    assert not expected.anomaly_map[mask == 0].any()
+    shown = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["overlay_png"]))).convert("RGB"))
+    np.testing.assert_array_equal(shown[mask == 0], arr[mask == 0])  # no heat outside the ROI
+    assert post(client, data).json()["roi"] is None  # without a ROI: as before
+
+    # a ROI drawn at another resolution is resized to the image (nearest neighbour), as --roi files are
+    big = np.kron(mask, np.ones((2, 2), np.uint8))
+    r2 = client.post("/predict", files={"file": ("part.png", data), "roi": ("big.png", encode(big))}).json()
+    assert r2["roi"]["resized_from"] == [96, 80] and r2["score"] == pytest.approx(body["score"], abs=1e-6)
+
+
+def test_bad_roi_uploads_are_refused(client, part):
+    data = part[1]
+
+    def with_roi(roi_bytes, name="roi.png"):
+        return client.post("/predict", files={"file": ("part.png", data), "roi": (name, roi_bytes)})
+
+    assert_error(with_roi(encode(np.zeros((40, 48), np.uint8))), 422, "ROI roi.png: the mask is all black")
+    assert_error(with_roi(b"not a mask", "notes.txt"), 415, "ROI notes.txt: not an image")
+    assert_error(with_roi(png_header(5000, 5000, 0)), 413, "ROI roi.png", "over the limit")
+    thin = np.zeros((400, 480), np.uint8)
+    thin[3, :] = 255  # one row, lost when shrunk ten times
+    assert_error(with_roi(encode(thin)), 422, "empty once resized")
+
+
+def test_batch_with_one_roi_for_every_image(client, predictor, part):
+    files = [("files", ("a.png", part[1])), ("files", ("b.png", encode(noise(seed=3))))]
+    body = client.post("/predict/batch", files=files + [("roi", ("roi.png", encode(roi_mask())))]).json()
+    assert body["n_errors"] == 0 and all(it["roi"]["coverage"] > 0 for it in body["results"])
+    assert body["results"][0]["score"] == pytest.approx(predictor.predict(part[2], roi=roi_mask() > 0).score,
+                                                        abs=1e-6)
+    black = encode(np.zeros((40, 48), np.uint8))
+    body = client.post("/predict/batch", files=files + [("roi", ("roi.png", black))]).json()
+    assert body["n_errors"] == 2 and {it["status"] for it in body["results"]} == {422}
+
+
 def test_page_and_docs(client):
     r = client.get("/")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")

@@ -5,7 +5,9 @@ heatmaps, move the threshold slider and see the labels change without the model 
 Skips when no browser is installed. `GRDNET_SCREENSHOT_MODEL=<model folder>` also refreshes
 docs/serve_screenshot.png with that model (the tiny test model's heatmaps show little).
 """
+import base64
 import contextlib
+import io
 import os
 import shutil
 import socket
@@ -27,6 +29,7 @@ DOCS_SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "serve_screensh
 try:
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
@@ -42,9 +45,9 @@ class CountingPredictor:
         self.inner, self.calls = inner, 0
         self.cfg, self.threshold, self.meta = inner.cfg, inner.threshold, inner.meta
 
-    def predict(self, images, threshold=None):
+    def predict(self, images, threshold=None, **kw):
         self.calls += 1
-        return self.inner.predict(images, threshold=threshold)
+        return self.inner.predict(images, threshold=threshold, **kw)
 
 
 @contextlib.contextmanager
@@ -172,6 +175,153 @@ def test_page_reports_a_refused_upload(browser, live_server, tmp_path):
     card = browser.find_element(By.CSS_SELECTOR, ".card")
     assert "notes.png: not an image" in card.find_element(By.CSS_SELECTOR, ".error").text
     assert card.find_element(By.CSS_SELECTOR, ".badge").text.lower() == "error"
+
+
+# ---- the ROI editor --------------------------------------------------------------------------
+
+def _open_roi_editor(browser, url, sample):
+    browser.get(url)
+    browser.find_element(By.CSS_SELECTOR, "#roi-panel summary").click()
+    browser.find_element(By.ID, "roi-file").send_keys(str(sample))
+    WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "roi-work").is_displayed())
+    return browser.find_element(By.ID, "roi-canvas")
+
+
+def _at(browser, canvas, x, y, size=(48, 40)):
+    """Selenium's offset (from the element's centre, CSS pixels) of image pixel (x, y)'s centre.
+    Selenium measures from the centre of the element's visible part: the canvas must be in view."""
+    w, h, top, bottom, view = browser.execute_script(
+        "arguments[0].scrollIntoView({block: 'center'}); const r = arguments[0].getBoundingClientRect();"
+        "return [r.width, r.height, r.top, r.bottom, innerHeight]", canvas)
+    assert top >= 0 and bottom <= view
+    assert w > 4 * size[0]  # the 48 px sample is shown enlarged, so each pixel is several CSS pixels wide
+    return round((x + 0.5) * w / size[0] - w / 2), round((y + 0.5) * h / size[1] - h / 2)
+
+
+def _mask_shown(browser):
+    """The mask the page holds (the download link's target), as an array, and the PNG's mode.
+    Read from the page's blob itself: the page's CSP (connect-src 'self') forbids fetching blob: URLs."""
+    assert browser.execute_script("return document.getElementById('roi-download').href === roi.maskUrl")
+    b64 = browser.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "roi.maskBlob.arrayBuffer().then(b => {"
+        "  let s = ''; new Uint8Array(b).forEach(c => s += String.fromCharCode(c)); done(btoa(s));"
+        "}).catch(e => done('error: ' + e))")
+    assert not b64.startswith("error"), b64
+    png = Image.open(io.BytesIO(base64.b64decode(b64)))
+    return np.asarray(png), png.mode
+
+
+def _cli_roi(tmp_path, sample, *args) -> Path:
+    from grdnet.cli import main
+
+    out = tmp_path / "cli" / "roi.png"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["roi", "--like", str(sample), *args, "--out", str(out)]) == 0
+    return out
+
+
+def test_roi_editor_rectangle_downloads_what_grdnet_roi_writes(browser, live_server, trained_tiny, tmp_path):
+    url, _ = live_server
+    sample = _images(tmp_path, trained_tiny[1])[1]
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    browser.execute_cdp_cmd("Page.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
+    canvas = _open_roi_editor(browser, url, sample)
+    wait = WebDriverWait(browser, 30)
+    ActionChains(browser).move_to_element_with_offset(canvas, *_at(browser, canvas, 30, 25)).click_and_hold() \
+        .move_to_element_with_offset(canvas, *_at(browser, canvas, 20, 20)) \
+        .move_to_element_with_offset(canvas, *_at(browser, canvas, 5, 6)).release().perform()
+    command = browser.find_element(By.ID, "roi-command")
+    wait.until(lambda d: command.text)
+    assert command.text == "grdnet roi --like part_hole.png --rect 5,6,30,25 --out part_hole_roi.png"
+    link = browser.find_element(By.ID, "roi-download")
+    wait.until(lambda d: link.get_attribute("href") and "disabled" not in link.get_attribute("class"))
+    wait.until(lambda d: d.execute_script("const i = document.getElementById('roi-mask');"
+                                          "return !i.hidden && i.complete && i.naturalWidth === 48"))
+    assert "27.1 % of the 48×40 image" in browser.find_element(By.ID, "roi-status").text  # 26 x 20 pixels
+
+    link.click()  # a real download, into the folder set above
+    got = downloads / "part_hole_roi.png"
+    wait.until(lambda d: got.is_file() and not list(downloads.glob("*.crdownload")))
+    expected = _cli_roi(tmp_path, sample, "--rect", "5,6,30,25")
+    assert got.read_bytes() == expected.read_bytes()  # the same file as the command line's
+    mask = Image.open(got)
+    assert mask.mode == "L" and mask.size == (48, 40)
+    inside = np.zeros((40, 48), bool)
+    inside[6:26, 5:31] = True  # both corner pixels belong to the rectangle
+    np.testing.assert_array_equal(np.asarray(mask), np.where(inside, 255, 0))
+    errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert not errors, errors
+
+
+def test_roi_editor_polygon_undo_and_heatmap_in_the_roi(browser, live_server, trained_tiny, tmp_path):
+    url, predictor = live_server
+    sample = _images(tmp_path, trained_tiny[1])[1]
+    canvas = _open_roi_editor(browser, url, sample)
+    wait = WebDriverWait(browser, 30)
+    browser.find_element(By.ID, "roi-mode-poly").click()
+    actions = ActionChains(browser)
+    for x, y in ((4, 3), (40, 8), (30, 36)):
+        actions.move_to_element_with_offset(canvas, *_at(browser, canvas, x, y)).click()
+    actions.move_to_element_with_offset(canvas, *_at(browser, canvas, 6, 30)).double_click().perform()
+    command = browser.find_element(By.ID, "roi-command")
+    wait.until(lambda d: "--polygon 4,3,40,8,30,36,6,30 " in command.text)
+    status = browser.find_element(By.ID, "roi-status")
+    wait.until(lambda d: "1 shape(s)" in status.text)
+    polygon, mode = _mask_shown(browser)
+    expected = np.asarray(Image.open(_cli_roi(tmp_path, sample, "--polygon", "4,3,40,8,30,36,6,30")))
+    assert mode == "L"
+    np.testing.assert_array_equal(polygon, expected)
+
+    # a rectangle, then undo: back to the polygon alone
+    browser.find_element(By.ID, "roi-mode-rect").click()
+    ActionChains(browser).move_to_element_with_offset(canvas, *_at(browser, canvas, 40, 30)).click_and_hold() \
+        .move_to_element_with_offset(canvas, *_at(browser, canvas, 46, 38)).release().perform()
+    wait.until(lambda d: "2 shape(s)" in status.text and "--rect 40,30,46,38" in command.text)
+    browser.find_element(By.ID, "roi-undo").click()
+    wait.until(lambda d: "1 shape(s)" in status.text and "--rect" not in command.text)
+    np.testing.assert_array_equal(_mask_shown(browser)[0], expected)
+
+    # the current model's heatmap for the sample, restricted to the ROI
+    browser.find_element(By.ID, "roi-inspect").click()
+    wait.until(lambda d: d.find_element(By.ID, "roi-result").is_displayed() and d.execute_script(
+        "const i = document.getElementById('roi-heatmap'); return i.complete && i.naturalWidth === 48"))
+    image = np.asarray(Image.open(sample).convert("RGB"))
+    in_roi = predictor.inner.predict(image, roi=expected > 0)
+    assert browser.find_element(By.ID, "roi-score").text == f"{in_roi.score:.4f}"
+    assert browser.find_element(By.ID, "roi-label").text.lower() == in_roi.label
+    src = browser.find_element(By.ID, "roi-heatmap").get_attribute("src")
+    heatmap = np.asarray(Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).convert("RGB"))
+    outside = expected == 0
+    np.testing.assert_array_equal(heatmap[outside], image[outside])  # no heat outside the ROI
+    assert not in_roi.anomaly_map[outside].any()
+
+    # the ROI applied to ordinary uploads
+    browser.find_element(By.ID, "roi-apply").click()
+    browser.find_element(By.ID, "file-input").send_keys(str(sample))
+    wait.until(lambda d: "in ROI" in d.find_element(By.CSS_SELECTOR, ".card .timing").text)
+    assert browser.find_element(By.CSS_SELECTOR, ".card .score").text == f"{in_roi.score:.4f}"
+    browser.find_element(By.ID, "roi-clear").click()
+    wait.until(lambda d: "no shapes yet" in status.text)
+    link = browser.find_element(By.ID, "roi-download")
+    assert link.get_attribute("href") is None and not browser.find_element(By.ID, "roi-apply").is_enabled()
+    errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert not errors, errors
+
+
+def test_roi_editor_takes_the_stored_size_of_an_exif_rotated_image(browser, live_server, tmp_path):
+    """Browsers apply a JPEG's EXIF orientation to naturalWidth/Height; the service (like the
+    model) reads the pixels as stored, so the editor must draw on those."""
+    url, _ = live_server
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display"
+    sample = tmp_path / "turned.jpg"
+    Image.fromarray((np.random.default_rng(0).random((40, 48, 3)) * 255).astype(np.uint8)).save(
+        sample, exif=exif.tobytes())
+    _open_roi_editor(browser, url, sample)
+    assert browser.execute_script("const i = document.getElementById('roi-image');"
+                                  "return [i.naturalWidth, i.naturalHeight, roi.width, roi.height]") == [40, 48, 48, 40]
 
 
 def grdnet_model_id(url: str) -> str:

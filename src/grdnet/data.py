@@ -127,6 +127,12 @@ def load_mask(path, expected_size: tuple[int, int] | None = None) -> np.ndarray:
     if expected_size is not None and img.size != tuple(expected_size):
         raise GRDNetError(f"{path}: mask is {img.size[0]}x{img.size[1]} but its image is "
                           f"{expected_size[0]}x{expected_size[1]}")
+    return mask_from_image(img)
+
+
+def mask_from_image(img: Image.Image) -> np.ndarray:
+    """A decoded 8-bit mask image -> (H, W) bool: the rule of every mask and ROI file (also the
+    service's ROI uploads)."""
     if img.mode == "P":  # palette masks (lossless): any non-black colour is defect, e.g. red index 1
         return np.asarray(img.convert("RGB")).max(axis=2) > 0
     # The brightest channel, not luminance, so that coloured masks (pure red, blue) are not lost.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -118,6 +119,28 @@ def parse_shapes(text: str | None) -> tuple[list, list]:
         doc = json.loads(path.read_text() if path.is_file() else text)
     except (OSError, json.JSONDecodeError) as e:
         raise GRDNetError(f"ROI shapes: not valid JSON ({e})") from None
+    return check_shapes(doc)
+
+
+def check_shapes(doc) -> tuple[list, list]:
+    """(rects, polygons) of a parsed shapes document, checked: every shape a list of finite
+    numbers (the service passes documents from uploads; `make_roi` checks the counts)."""
     if not isinstance(doc, dict) or not set(doc) <= {"rects", "polygons"}:
         raise GRDNetError('ROI shapes: expected {"rects": [...], "polygons": [...]}')
-    return doc.get("rects", []), doc.get("polygons", [])
+    out = []
+    for key in ("rects", "polygons"):
+        shapes = doc.get(key, [])
+        if not isinstance(shapes, list):
+            raise GRDNetError(f'ROI shapes: "{key}" must be a list of coordinate lists')
+        for shape in shapes:
+            if not isinstance(shape, list) or not all(_coordinate(v) for v in shape):
+                raise GRDNetError(f'ROI shapes: each of "{key}" must be a list of finite numbers, got '
+                                  f"{json.dumps(shape)[:80]}")
+        out.append(shapes)
+    return out[0], out[1]
+
+
+def _coordinate(v) -> bool:
+    """A number a drawing can use: not a bool, not NaN or infinite, and within PIL's int range
+    (JSON integers have no bound)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) < 2 ** 31 and math.isfinite(v)

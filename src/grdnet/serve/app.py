@@ -1,9 +1,10 @@
 """The inspection service: a thin FastAPI layer over a predictor.
 
 The predictor is anything with `.predict(images)` (returning objects with `.score` and
-`.anomaly_map`), `.cfg` (a `ModelConfig`), `.threshold` and `.meta`: what `grdnet.load` returns
-for a model folder (or an exported model). All inference runs on one worker thread behind a
-bounded queue (see `batcher`); every error is answered as JSON `{"error": ..., "status": ...}`.
+`.anomaly_map`; called with `roi=` too for requests that send a ROI mask), `.cfg` (a
+`ModelConfig`), `.threshold` and `.meta`: what `grdnet.load` returns for a model folder (or an
+exported model). All inference runs on one worker thread behind a bounded queue (see
+`batcher`); every error is answered as JSON `{"error": ..., "status": ...}`.
 """
 # No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations, which
 # refer to objects local to the functions that register the endpoints.
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
-from fastapi import Depends, FastAPI, File, HTTPException, Query, Request, Security, UploadFile
+from fastapi import Depends, FastAPI, File, Form, HTTPException, Query, Request, Security, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader
@@ -34,7 +35,8 @@ from ..describe import describe_model
 from ..errors import GRDNetError
 from ..version import __version__
 from .batcher import MicroBatcher, QueueFull, Scored
-from .uploads import ACCEPTED_TEXT, Upload
+from .rois import roi_png
+from .uploads import ACCEPTED_TEXT, Upload, UploadError
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,13 @@ class Timings(BaseModel):
     total: float = Field(description="in the service, after the upload was received, ms")
 
 
+class RoiResult(BaseModel):
+    filename: str = Field(description="the ROI upload's name")
+    coverage: float = Field(description="fraction of the image inside the ROI")
+    resized_from: list[int] | None = Field(description="[width, height] of a ROI of another size than the "
+                                                       "image, resized to it (nearest neighbour)")
+
+
 class ItemResult(BaseModel):
     filename: str
     width: int
@@ -78,6 +87,7 @@ class ItemResult(BaseModel):
     score: float = Field(description="image anomaly score in [0, 1]")
     label: Literal["good", "defective"] | None = Field(description="null when there is no threshold")
     is_anomalous: bool | None
+    roi: RoiResult | None = Field(None, description="the ROI the map and score were restricted to (with a roi upload)")
     overlay_png: str | None = Field(None, description="heatmap overlay, base64 PNG (with ?overlay=true)")
 
 
@@ -193,6 +203,7 @@ def create_app(predictor, settings: ServeSettings | None = None) -> FastAPI:
     require_key = _key_check(settings.api_key)
     _add_error_handlers(app)
     _add_inference_routes(app, predictor, batcher, settings, info["model_id"], require_key)
+    _add_roi_route(app, settings, require_key)
     _add_status_routes(app, batcher, settings, info, require_key)
     _add_page_routes(app)
     return app
@@ -230,9 +241,13 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def validation_error(request: Request, exc: RequestValidationError):
         ctype = request.headers.get("content-type", "")
         if request.method == "POST" and not ctype.lower().startswith("multipart/form-data"):
-            field = "files" if request.url.path.endswith("/batch") else "file"
-            return _error(415, f"expected a multipart/form-data upload with the image(s) in the form field "
-                               f"'{field}', got content type '{ctype or 'none'}'")
+            if request.url.path == "/roi":
+                what = "the form fields 'width', 'height' and 'shapes'"
+            else:
+                field = "files" if request.url.path.endswith("/batch") else "file"
+                what = f"the image(s) in the form field '{field}'"
+            return _error(415, f"expected a multipart/form-data upload with {what}, got content type "
+                               f"'{ctype or 'none'}'")
         parts = []
         for err in exc.errors():
             where = ".".join(str(x) for x in err.get("loc", ()) if x not in ("body", "query"))
@@ -286,6 +301,8 @@ def _item_json(name: str, item, thr: float | None) -> dict:
            "is_anomalous": flagged}
     if item.overlay_png is not None:
         out["overlay_png"] = item.overlay_png
+    if getattr(item, "roi", None) is not None:
+        out["roi"] = item.roi
     return out
 
 
@@ -294,15 +311,19 @@ def _add_inference_routes(app: FastAPI, predictor, batcher: MicroBatcher, settin
     """POST /predict and /predict/batch."""
     threshold_q = Query(ge=0.0, le=1.0, description="override the model's threshold for this request")
     overlay_q = Query(description="also return the heatmap overlay as a base64 PNG")
+    roi_f = File(description="optional ROI mask (white: inspect): the map is zeroed outside it and the score "
+                             "computed inside it; resized to the image if its size differs")
 
     @app.post("/predict", response_model=PredictResponse, response_model_exclude_none=False,
               dependencies=[Depends(require_key)], responses=_errors(401, 413, 415, 422, 503),
               summary="Score one image")
     async def predict(file: Annotated[UploadFile, File(description=f"the image ({ACCEPTED_TEXT})")],
+                      roi: Annotated[UploadFile | None, roi_f] = None,
                       threshold: Annotated[float | None, threshold_q] = None,
                       overlay: Annotated[bool, overlay_q] = False):
         name = _name(file.filename, 0)
-        result, timings = await _infer(batcher, settings.queue_size, [Upload(name, await file.read())], overlay)
+        upload = Upload(name, await file.read(), await _roi_upload(roi))
+        result, timings = await _infer(batcher, settings.queue_size, [upload], overlay)
         thr, source = _threshold_used(predictor, threshold)
         item = _item_json(name, result.items[0], thr)
         if "error" in item:
@@ -315,17 +336,47 @@ def _add_inference_routes(app: FastAPI, predictor, batcher: MicroBatcher, settin
               description="One result per file, in order. A file that cannot be scored gets "
                           "`{filename, error, status}` in its place; the others are still scored.")
     async def predict_batch(files: Annotated[list[UploadFile], File(description="the images")],
+                            roi: Annotated[UploadFile | None, roi_f] = None,
                             threshold: Annotated[float | None, threshold_q] = None,
                             overlay: Annotated[bool, overlay_q] = False):
         if len(files) > settings.max_files:
             raise HTTPException(413, f"{len(files)} files in one request; the limit is {settings.max_files}")
-        uploads = [Upload(_name(f.filename, i), await f.read()) for i, f in enumerate(files)]
+        shared_roi = await _roi_upload(roi)  # one ROI for every image (a fixed camera), as `--roi FILE`
+        uploads = [Upload(_name(f.filename, i), await f.read(), shared_roi) for i, f in enumerate(files)]
         result, timings = await _infer(batcher, settings.queue_size, uploads, overlay)
         thr, source = _threshold_used(predictor, threshold)
         items = [_item_json(u.name, it, thr) for u, it in zip(uploads, result.items)]
         return {"model_id": model_id, "threshold": thr, "threshold_source": source, "n_images": len(items),
                 "n_errors": sum("error" in it for it in items), "batch_images": result.batch_images,
                 "timings_ms": timings, "results": items}
+
+
+async def _roi_upload(roi: UploadFile | None) -> Upload | None:
+    return None if roi is None else Upload(_name(roi.filename, 0), await roi.read())
+
+
+def _add_roi_route(app: FastAPI, settings: ServeSettings, require_key) -> None:
+    """POST /roi: the mask of the page's ROI editor, made and written as `grdnet roi` does."""
+    drawing = asyncio.Semaphore(2)  # a mask can be --max-pixels large: bound how many are in memory
+    shapes_f = Form(description='JSON in image pixels, as `grdnet roi --shapes`: {"rects": [[x0, y0, x1, y1], '
+                                '...], "polygons": [[x, y, x, y, x, y, ...], ...]}')
+
+    @app.post("/roi", dependencies=[Depends(require_key)], response_class=Response,
+              responses={200: {"content": {"image/png": {}}, "description": "the ROI mask: 8-bit grayscale PNG, "
+                                                                           "255 inside, 0 outside"},
+                         **_errors(401, 413, 415, 422)},
+              summary="Make a ROI mask from rectangles and polygons (what `grdnet roi` writes)")
+    async def roi(width: Annotated[int, Form(ge=1, description="the mask's width: the image's, pixels")],
+                  height: Annotated[int, Form(ge=1, description="the mask's height")],
+                  shapes: Annotated[str, shapes_f]):
+        async with drawing:
+            try:
+                png, coverage = await asyncio.to_thread(roi_png, width, height, shapes, settings.max_pixels)
+            except UploadError as e:
+                raise HTTPException(e.status, str(e)) from None
+        return Response(png, media_type="image/png",
+                        headers={"Content-Disposition": 'attachment; filename="roi.png"',
+                                 "X-ROI-Coverage": f"{coverage:.6f}"})
 
 
 def _add_status_routes(app: FastAPI, batcher: MicroBatcher, settings: ServeSettings, info: dict,

@@ -23,6 +23,7 @@ from PIL import Image
 
 from ..data import pil_to_array
 from ..visualize import overlay as make_overlay
+from .rois import decode_roi
 from .uploads import Upload, UploadError, decode_upload
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ class Scored:
     width: int
     height: int
     overlay_png: str | None  # base64
+    roi: dict | None = None  # about the request's ROI mask, when it sent one (`rois.decode_roi`)
 
 
 @dataclass
@@ -58,6 +60,7 @@ class _Job:
     # filled by the worker
     items: list = field(default_factory=list)
     arrays: list = field(default_factory=list)  # (upload index, model-channel uint8 array)
+    rois: dict = field(default_factory=dict)  # upload index -> (bool mask at its image's size, info)
     decode_ms: float = 0.0
     started: float = 0.0
 
@@ -160,7 +163,7 @@ class MicroBatcher:
         t0 = time.perf_counter()
         job.started = t0
         channels = self.predictor.cfg.channels
-        job.items, job.arrays = [None] * len(job.uploads), []
+        job.items, job.arrays, job.rois = [None] * len(job.uploads), [], {}
         for i, up in enumerate(job.uploads):
             try:
                 img = decode_upload(up, self.max_pixels)
@@ -168,6 +171,8 @@ class MicroBatcher:
                     arr = pil_to_array(img, channels)
                 except Exception as e:  # exotic modes Pillow cannot convert
                     raise UploadError(422, f"{up.name}: cannot convert {img.mode} image ({e})") from None
+                if up.roi is not None:  # decoded here too, so its memory is bounded like the images'
+                    job.rois[i] = decode_roi(up.roi, arr.shape[:2], self.max_pixels)
             except UploadError as e:
                 job.items[i] = e
                 continue
@@ -177,7 +182,10 @@ class MicroBatcher:
     def _forward(self, jobs: list[_Job]) -> None:
         arrays = [a for j in jobs for _, a in j.arrays]
         t0 = time.perf_counter()
-        preds = list(self.predictor.predict(arrays)) if arrays else []
+        rois = [j.rois[i][0] if i in j.rois else None for j in jobs for i, _ in j.arrays]
+        # `roi` only when a request sent one: duck-typed predictors need not take it otherwise
+        extra = {"roi": rois} if any(r is not None for r in rois) else {}
+        preds = list(self.predictor.predict(arrays, **extra)) if arrays else []
         infer_ms = (time.perf_counter() - t0) * 1000
         if len(preds) != len(arrays):
             raise RuntimeError(f"predictor returned {len(preds)} results for {len(arrays)} images")
@@ -189,7 +197,7 @@ class MicroBatcher:
                 p = preds[k]
                 k += 1
                 png = _overlay_png(arr, p.anomaly_map) if j.overlay else None
-                items[i] = Scored(p, arr.shape[1], arr.shape[0], png)
+                items[i] = Scored(p, arr.shape[1], arr.shape[0], png, j.rois[i][1] if i in j.rois else None)
             timings = {"queue": (j.started - j.submitted) * 1000, "decode": j.decode_ms, "inference": infer_ms,
                        "overlay": (time.perf_counter() - t1) * 1000}
             results.append((j, JobResult(items, {k_: round(v, 2) for k_, v in timings.items()}, len(arrays))))

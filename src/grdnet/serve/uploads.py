@@ -25,6 +25,7 @@ class Upload:
 
     name: str
     data: bytes
+    roi: "Upload | None" = None  # its ROI mask, not yet decoded either (see `rois.decode_roi`)
 
 
 class UploadError(GRDNetError):
