@@ -9,8 +9,10 @@ exported model). All inference runs on one worker thread behind a bounded queue 
 # No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations, which
 # refer to objects local to the functions that register the endpoints.
 import asyncio
+import base64
 import dataclasses
 import inspect
+import io
 import ipaddress
 import json
 import logging
@@ -24,10 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
+import numpy as np
 from fastapi import Depends, FastAPI, File, Form, HTTPException, Query, Request, Security, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -73,6 +77,16 @@ class Timings(BaseModel):
     total: float = Field(description="in the service, after the upload was received, ms")
 
 
+class RegionResult(BaseModel):
+    x: int = Field(description="bounding box: left column, pixels of the image")
+    y: int = Field(description="bounding box: top row")
+    width: int
+    height: int
+    area: int = Field(description="defect pixels in the region")
+    peak: float = Field(description="the largest map value in the region")
+    mean: float = Field(description="the mean map value over the region's pixels")
+
+
 class RoiResult(BaseModel):
     filename: str = Field(description="the ROI upload's name")
     coverage: float = Field(description="fraction of the image inside the ROI")
@@ -88,7 +102,12 @@ class ItemResult(BaseModel):
     label: Literal["good", "defective"] | None = Field(description="null when there is no threshold")
     is_anomalous: bool | None
     roi: RoiResult | None = Field(None, description="the ROI the map and score were restricted to (with a roi upload)")
-    overlay_png: str | None = Field(None, description="heatmap overlay, base64 PNG (with ?overlay=true)")
+    pixel_threshold: float | None = Field(None, description="the map value at which a pixel is a defect pixel")
+    regions: list[RegionResult] = Field([], description="8-connected groups of defect pixels, highest peak first")
+    overlay_png: str | None = Field(None, description="heatmap overlay with region contours, base64 PNG "
+                                                      "(with ?overlay=true)")
+    defect_mask_png: str | None = Field(None, description="binary defect mask (255: defect), base64 PNG of the "
+                                                          "image's size (with ?mask=true)")
 
 
 class ItemError(BaseModel):
@@ -262,11 +281,12 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 # ---- inference ---------------------------------------------------------------------------------
 
-async def _infer(batcher: MicroBatcher, queue_size: int, uploads: list[Upload], overlay: bool):
+async def _infer(batcher: MicroBatcher, queue_size: int, uploads: list[Upload], overlay: bool,
+                 pixel_threshold: float | None = None):
     """Score `uploads` on the worker: (the batch result, this request's timings in ms)."""
     t0 = time.perf_counter()
     try:
-        future = batcher.submit(uploads, overlay)
+        future = batcher.submit(uploads, overlay, pixel_threshold)
     except QueueFull:
         raise HTTPException(503, f"busy: the inference queue is full ({queue_size} requests "
                                  "waiting); retry shortly", headers={"Retry-After": "1"}) from None
@@ -288,7 +308,7 @@ def _threshold_used(predictor, override: float | None):
     return None, "none"
 
 
-def _item_json(name: str, item, thr: float | None) -> dict:
+def _item_json(name: str, item, thr: float | None, mask: bool = False) -> dict:
     """One image's result (`ItemResult`), or its error (`ItemError`)."""
     if not isinstance(item, Scored):
         return {"filename": name, "error": str(item), "status": item.status}
@@ -296,13 +316,19 @@ def _item_json(name: str, item, thr: float | None) -> dict:
     if not math.isfinite(score):
         return {"filename": name, "error": f"{name}: the model produced a non-finite score", "status": 500}
     flagged = None if thr is None else score >= thr
+    p = item.prediction
     out = {"filename": name, "width": item.width, "height": item.height, "score": score,
            "label": None if flagged is None else ("defective" if flagged else "good"),
-           "is_anomalous": flagged}
+           "is_anomalous": flagged, "pixel_threshold": getattr(p, "pixel_threshold", None),
+           "regions": [r.to_dict() for r in getattr(p, "regions", [])]}
     if item.overlay_png is not None:
         out["overlay_png"] = item.overlay_png
     if getattr(item, "roi", None) is not None:
         out["roi"] = item.roi
+    if mask and getattr(p, "defect_mask", None) is not None:
+        buf = io.BytesIO()
+        Image.fromarray(p.defect_mask.astype(np.uint8) * 255).save(buf, "PNG")
+        out["defect_mask_png"] = base64.b64encode(buf.getvalue()).decode("ascii")
     return out
 
 
@@ -313,6 +339,8 @@ def _add_inference_routes(app: FastAPI, predictor, batcher: MicroBatcher, settin
     overlay_q = Query(description="also return the heatmap overlay as a base64 PNG")
     roi_f = File(description="optional ROI mask (white: inspect): the map is zeroed outside it and the score "
                              "computed inside it; resized to the image if its size differs")
+    pixel_q = Query(ge=0.0, le=1.0, description="override the model's pixel threshold (defect mask, regions)")
+    mask_q = Query(description="also return the binary defect mask as a base64 PNG")
 
     @app.post("/predict", response_model=PredictResponse, response_model_exclude_none=False,
               dependencies=[Depends(require_key)], responses=_errors(401, 413, 415, 422, 503),
@@ -320,12 +348,15 @@ def _add_inference_routes(app: FastAPI, predictor, batcher: MicroBatcher, settin
     async def predict(file: Annotated[UploadFile, File(description=f"the image ({ACCEPTED_TEXT})")],
                       roi: Annotated[UploadFile | None, roi_f] = None,
                       threshold: Annotated[float | None, threshold_q] = None,
-                      overlay: Annotated[bool, overlay_q] = False):
+                      overlay: Annotated[bool, overlay_q] = False,
+                      pixel_threshold: Annotated[float | None, pixel_q] = None,
+                      mask: Annotated[bool, mask_q] = False):
         name = _name(file.filename, 0)
         upload = Upload(name, await file.read(), await _roi_upload(roi))
-        result, timings = await _infer(batcher, settings.queue_size, [upload], overlay)
+        result, timings = await _infer(batcher, settings.queue_size, [upload], overlay,
+                                       pixel_threshold)
         thr, source = _threshold_used(predictor, threshold)
-        item = _item_json(name, result.items[0], thr)
+        item = _item_json(name, result.items[0], thr, mask)
         if "error" in item:
             raise HTTPException(item["status"], item["error"])
         return {**item, "threshold": thr, "threshold_source": source, "model_id": model_id,
@@ -338,14 +369,16 @@ def _add_inference_routes(app: FastAPI, predictor, batcher: MicroBatcher, settin
     async def predict_batch(files: Annotated[list[UploadFile], File(description="the images")],
                             roi: Annotated[UploadFile | None, roi_f] = None,
                             threshold: Annotated[float | None, threshold_q] = None,
-                            overlay: Annotated[bool, overlay_q] = False):
+                            overlay: Annotated[bool, overlay_q] = False,
+                            pixel_threshold: Annotated[float | None, pixel_q] = None,
+                            mask: Annotated[bool, mask_q] = False):
         if len(files) > settings.max_files:
             raise HTTPException(413, f"{len(files)} files in one request; the limit is {settings.max_files}")
         shared_roi = await _roi_upload(roi)  # one ROI for every image (a fixed camera), as `--roi FILE`
         uploads = [Upload(_name(f.filename, i), await f.read(), shared_roi) for i, f in enumerate(files)]
-        result, timings = await _infer(batcher, settings.queue_size, uploads, overlay)
+        result, timings = await _infer(batcher, settings.queue_size, uploads, overlay, pixel_threshold)
         thr, source = _threshold_used(predictor, threshold)
-        items = [_item_json(u.name, it, thr) for u, it in zip(uploads, result.items)]
+        items = [_item_json(u.name, it, thr, mask) for u, it in zip(uploads, result.items)]
         return {"model_id": model_id, "threshold": thr, "threshold_source": source, "n_images": len(items),
                 "n_errors": sum("error" in it for it in items), "batch_images": result.batch_images,
                 "timings_ms": timings, "results": items}

@@ -55,6 +55,7 @@ class JobResult:
 class _Job:
     uploads: list[Upload]
     overlay: bool
+    pixel_threshold: float | None = None  # the request's, for its regions and overlay contours
     future: Future = field(default_factory=Future)
     submitted: float = field(default_factory=time.perf_counter)
     # filled by the worker
@@ -99,10 +100,10 @@ class MicroBatcher:
         self._queue.put(_STOP)
         thread.join(timeout)
 
-    def submit(self, uploads: list[Upload], overlay: bool = False) -> Future:
+    def submit(self, uploads: list[Upload], overlay: bool = False, pixel_threshold: float | None = None) -> Future:
         """Queue a job; the future resolves to a `JobResult`. Raises `QueueFull`."""
         self.start()
-        job = _Job(list(uploads), overlay)
+        job = _Job(list(uploads), overlay, pixel_threshold)
         try:
             self._queue.put_nowait(job)
         except queue.Full:
@@ -196,7 +197,9 @@ class MicroBatcher:
             for i, arr in j.arrays:
                 p = preds[k]
                 k += 1
-                png = _overlay_png(arr, p.anomaly_map) if j.overlay else None
+                if j.pixel_threshold is not None:
+                    p.pixel_threshold = j.pixel_threshold
+                png = _overlay_png(arr, p.anomaly_map, getattr(p, "defect_mask", None)) if j.overlay else None
                 items[i] = Scored(p, arr.shape[1], arr.shape[0], png, j.rois[i][1] if i in j.rois else None)
             timings = {"queue": (j.started - j.submitted) * 1000, "decode": j.decode_ms, "inference": infer_ms,
                        "overlay": (time.perf_counter() - t1) * 1000}
@@ -205,7 +208,7 @@ class MicroBatcher:
             j.future.set_result(r)
 
 
-def _overlay_png(image: np.ndarray, anomaly_map: np.ndarray) -> str:
+def _overlay_png(image: np.ndarray, anomaly_map: np.ndarray, defects: np.ndarray | None = None) -> str:
     buf = io.BytesIO()
-    Image.fromarray(make_overlay(image, np.asarray(anomaly_map))).save(buf, "PNG", compress_level=1)
+    Image.fromarray(make_overlay(image, np.asarray(anomaly_map), defects=defects)).save(buf, "PNG", compress_level=1)
     return base64.b64encode(buf.getvalue()).decode("ascii")
