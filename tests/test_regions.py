@@ -90,6 +90,8 @@ def test_predictions_carry_mask_and_regions_at_the_pixel_threshold():
     # An override above the map's peak: no region; a model without a pixel threshold uses its image threshold.
     assert square_predictor().predict(np.zeros((32, 32), np.uint8), pixel_threshold=0.95).regions == []
     assert square_predictor(meta={}).predict(np.zeros((32, 32), np.uint8)).pixel_threshold == 0.5
+    decided_good = square_predictor().predict(np.zeros((32, 32), np.uint8), threshold=0.95)
+    assert decided_good.label == "good" and decided_good.regions == [] and not decided_good.defect_mask.any()
     roi = np.zeros((32, 32), bool)
     roi[:, 20:] = True
     assert square_predictor().predict(np.zeros((32, 32), np.uint8), roi=roi).regions == []
@@ -111,13 +113,12 @@ def test_service_returns_regions_and_mask():
         assert r.json()["results"][0]["regions"] == [] and r.json()["results"][0].get("defect_mask_png") is None
 
 
-def test_trained_model_has_a_pixel_threshold_and_cli_writes_regions(trained_tiny, tmp_path, capsys):
+def test_cli_writes_masks_and_regions_and_test_reports_them(trained_tiny, tmp_path, capsys):
     run, data = trained_tiny
-    doc = json.loads((run / "model" / "config.json").read_text())
-    assert 0 < doc["pixel_threshold"] <= 1 and "largest map values" in doc["pixel_threshold_rule"]
-    assert doc["pixel_threshold"] >= doc["val_scores"]["empirical_quantile"] - 1e-9  # peaks >= smoothed scores
+    threshold = json.loads((run / "model" / "config.json").read_text())["threshold"]
+    # Threshold 0 flags every image; pixel threshold 0 makes every pixel a defect pixel.
     assert main(["predict", str(run), str(data / "test" / "hole"), "--out", str(tmp_path / "p"),
-                 "--pixel-threshold", "0"]) == 0
+                 "--threshold", "0", "--pixel-threshold", "0"]) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
     assert len(lines) == 4 and all(x["pixel_threshold"] == 0 for x in lines)
     first = lines[0]
@@ -125,16 +126,21 @@ def test_trained_model_has_a_pixel_threshold_and_cli_writes_regions(trained_tiny
     assert first["regions"] == [{"x": 0, "y": 0, "width": w, "height": h, "area": w * h,
                                  "peak": first["regions"][0]["peak"], "mean": first["regions"][0]["mean"]}]
     assert np.asarray(Image.open(first["defect_mask"])).min() == 255
+    # An image decided good has no region, whatever the pixel threshold.
+    assert main(["predict", str(run), str(data / "test" / "hole"), "--out", str(tmp_path / "q"),
+                 "--threshold", "1", "--pixel-threshold", "0"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert all(x["label"] == "good" and x["regions"] == [] for x in lines)
+    assert np.asarray(Image.open(lines[0]["defect_mask"])).max() == 0
     report = run_test(grdnet.load(run), data)
     g = report["regions"]
-    assert g["gt_regions"] == 4 and 0 <= g["gt_region_recall"] <= 1 and g["pixel_threshold"] == doc["pixel_threshold"]
-
+    assert g["gt_regions"] == 4 and 0 <= g["gt_region_recall"] <= 1 and g["pixel_threshold"] == threshold
 
 def test_top_level_api_offers_what_the_cli_offers(trained_tiny, tmp_path):
     run, data = trained_tiny
     model = tmp_path / "model"
     shutil.copytree(run / "model", model)  # calibrate rewrites it; the session's model stays as it is
-    one = grdnet.predict(model, data / "test" / "hole" / "000.png", pixel_threshold=0.0)
+    one = grdnet.predict(model, data / "test" / "hole" / "000.png", threshold=0.0, pixel_threshold=0.0)
     assert one.defect_mask.all() and len(one.regions) == 1
     report = grdnet.test(model, data, out=tmp_path / "report")
     assert report["regions"]["gt_regions"] == 4

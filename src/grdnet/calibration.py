@@ -117,20 +117,12 @@ def held_out_threshold(predictor: Predictor, val_paths: list[Path], train_paths:
     if not val_paths:
         log.warning("too few training images to hold out a validation split: threshold calibrated on "
                     "training images (expect more false alarms)")
-    preds = predictor.predict(list(paths), batch_size=batch_size)
-    scores = np.array([p.score for p in preds])
-    # The pixel threshold by the same rule over each image's largest map value: a good image
-    # shows a defect region as rarely as it is flagged.
-    peaks = np.array([float(p.anomaly_map.max()) for p in preds])
-    rule = "(the larger of the empirical quantile and a logit-normal prediction bound)"
+    scores = np.array([p.score for p in predictor.predict(list(paths), batch_size=batch_size)])
     return {"threshold": quantile_threshold(scores, quantile),
-            "threshold_rule": f"quantile {quantile} of {len(scores)} held-out good training images' scores {rule}",
-            "pixel_threshold": quantile_threshold(peaks, quantile),
-            "pixel_threshold_rule": f"quantile {quantile} of {len(peaks)} held-out good training images' largest "
-                                    f"map values {rule}",
+            "threshold_rule": f"quantile {quantile} of {len(scores)} held-out good training images' scores "
+                              "(the larger of the empirical quantile and a logit-normal prediction bound)",
             "val_scores": {"n": len(scores), "mean": float(scores.mean()), "max": float(scores.max()),
-                           "empirical_quantile": float(np.quantile(scores, quantile)),
-                           "map_peak_mean": float(peaks.mean()), "map_peak_max": float(peaks.max())}}
+                           "empirical_quantile": float(np.quantile(scores, quantile))}}
 
 
 def calibrate(model, val_data, rule: str = "f1", quantile: float | None = None, batch_size: int = 16,

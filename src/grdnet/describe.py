@@ -28,7 +28,7 @@ def describe_model(predictor, path=None) -> dict[str, Any]:
             "image_size": cfg.image_size, "channels": cfg.channels, "aspect": cfg.aspect,
             "score_kernel": cfg.score_kernel, "flip_average": cfg.flip_average, "gan": cfg.gan,
             "threshold": predictor.threshold, "threshold_rule": meta.get("threshold_rule"),
-            "pixel_threshold": getattr(predictor, "pixel_threshold", None), "pixel_threshold_rule": meta.get("pixel_threshold_rule"),
+            "pixel_threshold": getattr(predictor, "pixel_threshold", None),  # None: the image threshold
             "calibration": meta.get("calibration"), "trained_on": training.get("data"),
             "trained_until": training.get("finished"), "epochs": training.get("epochs"),
             "steps": training.get("steps"), "config": config}

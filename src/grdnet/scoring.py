@@ -61,7 +61,8 @@ def image_views(cfg: ModelConfig, hw: tuple[int, int], tile: bool) -> tuple[str,
 @dataclass
 class Prediction:
     """The result for one image. `anomaly_map` has the input image's own size (H, W);
-    `defect_mask` and `regions` are the map at `pixel_threshold`, inside the ROI if one was given."""
+    `defect_mask` and `regions` are the map at `pixel_threshold`, inside the ROI if one was given,
+    on an image decided defective (one decided good has none)."""
 
     score: float
     is_anomalous: bool
@@ -77,9 +78,12 @@ class Prediction:
 
     @functools.cached_property
     def defect_mask(self) -> np.ndarray | None:
-        """(H, W) bool: the pixels whose map value reaches `pixel_threshold` (None without one)."""
+        """(H, W) bool: the pixels whose map value reaches `pixel_threshold` (None without one);
+        all False on an image decided good, so that regions always explain a defective decision."""
         if self.pixel_threshold is None:
             return None
+        if self.threshold is not None and not self.is_anomalous:
+            return np.zeros(self.anomaly_map.shape, bool)
         return defect_mask(self.anomaly_map, self.pixel_threshold, self.roi)
 
     @functools.cached_property
@@ -125,7 +129,7 @@ class BasePredictor:
             raise ValueError(f"tile_overlap must be in [0, 1), got {tile_overlap}")
         self.cfg, self.threshold, self.meta = cfg, threshold, meta or {}
         self.tile, self.tile_overlap = tile, tile_overlap
-        # Models calibrated before pixel thresholds existed: the image threshold stands in.
+        # None: the image threshold in use is also the pixel threshold (see `predict`).
         self.pixel_threshold: float | None = self.meta.get("pixel_threshold")
 
     def _run(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,8 +144,9 @@ class BasePredictor:
                 batch_size: int = 16, roi=None, tile: bool | None = None,
                 pixel_threshold: float | None = None) -> Prediction | list[Prediction]:
         """Score one image or a list. `threshold` overrides the stored image threshold,
-        `pixel_threshold` the stored pixel threshold of the defect mask and regions (a model
-        without one uses its image threshold). `roi`, optional: a bool (H, W) array for every
+        `pixel_threshold` the pixel threshold of the defect mask and regions (default: the
+        predictor's `pixel_threshold` if set, else the image threshold in use: a map pixel at the
+        level that flags an image). `roi`, optional: a bool (H, W) array for every
         image, or a list with one per image (None: no ROI); the map is zeroed outside it before
         scoring and regions lie inside it (a user's explicit choice: the model needs no ROI).
 
