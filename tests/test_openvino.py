@@ -151,6 +151,8 @@ def test_int8_export_within_its_tolerance(exported):
     check = json.loads(p8.meta["openvino"]["export_check"])
     assert check["precision"] == "int8" and check["calibration"]["folder"].endswith("train/good")
     assert check["max_abs_score_diff"] <= export.INT8_SCORE_TOLERANCE
+    assert check["mean_abs_score_diff"] <= export.INT8_MEAN_SCORE_TOLERANCE
+    assert check["synthetic_defects"]["images"] == check["good_images"]["images"] > 0
     assert check["mean_abs_map_diff"] <= export.INT8_MEAN_MAP_TOLERANCE
     assert xml8.with_suffix(".bin").stat().st_size < xml8.with_name("m.bin").stat().st_size / 2  # int8 weights
     a, b = grdnet.load(run).predict(_images(data)), p8.predict(_images(data))

@@ -339,8 +339,9 @@ def cmd_export(a) -> int:
     if a.int8:
         print(f"OpenVINO INT8 model written to {out} (+ {out.with_suffix('.bin').name}; calibrated on "
               f"{check['calibration']['images']} images of {check['calibration']['folder']}; against PyTorch on "
-              f"{check['images']} {check['checked_on']}: max score difference {check['max_abs_score_diff']:.4f}, "
-              f"mean map difference {check['mean_abs_map_diff']:.4f}, max {check['max_abs_map_diff']:.3f})")
+              f"{check['images']} {check['checked_on']}: score difference mean {check['mean_abs_score_diff']:.4f}, "
+              f"max {check['max_abs_score_diff']:.4f}; map difference mean {check['mean_abs_map_diff']:.4f}, "
+              f"max {check['max_abs_map_diff']:.3f})")
     else:
         print(f"OpenVINO model written to {out} (+ {out.with_suffix('.bin').name}; max map difference from "
               f"PyTorch {check['max_abs_map_diff']:.1e} on {check['images']} check images)")

@@ -259,9 +259,10 @@ OV_FORMAT_VERSION = 1
 OV_SECTION = "grdnet"  # the IR's runtime-info section that holds the contract
 OV_EXTRA = 'pip install "grdnet[openvino]"'
 # INT8 against PyTorch, on training images the calibration did not see, as they are and with
-# synthetic defects: the largest score difference and the mean map difference allowed. Measured on
-# magnetic_tile (docs/PERFORMANCE.md): 0.08 and 0.009.
-INT8_SCORE_TOLERANCE = 0.15
+# synthetic defects: the mean and the largest score difference and the mean map difference
+# allowed. Measured on magnetic_tile (docs/PERFORMANCE.md#openvino): 0.016, 0.086 and 0.007.
+INT8_MEAN_SCORE_TOLERANCE = 0.05
+INT8_SCORE_TOLERANCE = 0.25
 INT8_MEAN_MAP_TOLERANCE = 0.02
 CALIBRATION_IMAGES = 64  # training images whose network inputs calibrate INT8 (every view of each)
 INT8_CHECK_IMAGES = 8  # further training images, not calibrated on, for the INT8 check
@@ -290,7 +291,7 @@ def _ov_run(compiled, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _differences(compiled, scored: ScoredNet, x: torch.Tensor, batch: int = 16) -> dict:
     """Largest and mean map differences and largest score difference from PyTorch on `x`."""
-    map_max = map_sum = score_max = 0.0
+    map_max = map_sum = score_max = score_sum = 0.0
     n = 0
     for start in range(0, len(x), batch):
         chunk = x[start:start + batch]
@@ -299,10 +300,11 @@ def _differences(compiled, scored: ScoredNet, x: torch.Tensor, batch: int = 16) 
         maps, scores = _ov_run(compiled, chunk.numpy())
         d = np.abs(maps - ref_maps.numpy())
         map_max, map_sum = max(map_max, float(d.max())), map_sum + float(d.mean()) * len(chunk)
-        score_max = max(score_max, float(np.abs(scores - ref_scores.numpy()).max()))
+        score_d = np.abs(scores - ref_scores.numpy())
+        score_max, score_sum = max(score_max, float(score_d.max())), score_sum + float(score_d.sum())
         n += len(chunk)
     return {"images": n, "max_abs_map_diff": map_max, "mean_abs_map_diff": map_sum / n,
-            "max_abs_score_diff": score_max}
+            "max_abs_score_diff": score_max, "mean_abs_score_diff": score_sum / n}
 
 
 class _InputRecorder(BasePredictor):
@@ -366,11 +368,13 @@ def _calibration_inputs(folder: Path, cfg: ModelConfig, meta: dict, n_images: in
 
 def with_synthetic_defects(x: torch.Tensor, meta: dict, seed: int = 0) -> torch.Tensor:
     """`x` (N, C, S, S) with a synthetic defect painted on every image, by the model's own
-    training settings (`training.train_config`; defaults where it records none): what the INT8
-    check runs besides good images, since defects drive the network where good images do not."""
+    training settings (`training.train_config`; defaults where it records none): defects drive
+    the network where good images do not, so INT8 calibrates and is checked on both."""
     from .config import TrainConfig
     from .defects import DefectSynthesizer
 
+    if not len(x):
+        return x
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     recorded = (meta.get("training") or {}).get("train_config") or {}
     try:
@@ -422,9 +426,10 @@ def export_openvino(model_path, out_file=None, *, int8: bool = False, calibratio
     graph first checked in ONNX Runtime. `int8`: NNCF post-training quantisation, calibrated on
     the network inputs of `calibration_images` of the model's training images (or of the images
     in `calibration_data`). Before anything is written the IR is run in OpenVINO beside PyTorch:
-    fp32 maps and scores within `PARITY_TOLERANCE`; INT8 scores within `INT8_SCORE_TOLERANCE`
-    and maps within `INT8_MEAN_MAP_TOLERANCE` on average, on training images it was not
-    calibrated on. The check's figures are in the IR's runtime info (`export_check`).
+    fp32 maps and scores within `PARITY_TOLERANCE`; INT8 scores within `INT8_MEAN_SCORE_TOLERANCE`
+    on average and `INT8_SCORE_TOLERANCE` at most, maps within `INT8_MEAN_MAP_TOLERANCE` on
+    average, on training images it was not calibrated on, as they are and with synthetic defects
+    (half the calibration images carry one too). The check's figures are in the IR's runtime info (`export_check`).
     """
     from .data import list_images
 
@@ -451,7 +456,9 @@ def export_openvino(model_path, out_file=None, *, int8: bool = False, calibratio
             raise GRDNetError(f"{folder}: OpenVINO could not convert the ONNX graph "
                               f"({str(e).strip().splitlines()[0][:200]}); nothing written") from None
         if int8:
-            ov_model = _quantize(ov_model, calib)
+            # half the calibration images with a synthetic defect: activations of defects too
+            # (measured: half the mean score error on defective inputs of good images alone)
+            ov_model = _quantize(ov_model, torch.cat([calib[::2], with_synthetic_defects(calib[1::2], meta, seed=1)]))
         compiled = _compile(ov, ov_model, None)
         synthetic = _differences(compiled, scored, _check_inputs(cfg))
         if not int8:
@@ -466,22 +473,26 @@ def export_openvino(model_path, out_file=None, *, int8: bool = False, calibratio
             real = {"images": good["images"] + defects["images"],
                     "max_abs_map_diff": max(good["max_abs_map_diff"], defects["max_abs_map_diff"]),
                     "mean_abs_map_diff": (good["mean_abs_map_diff"] + defects["mean_abs_map_diff"]) / 2,
-                    "max_abs_score_diff": max(good["max_abs_score_diff"], defects["max_abs_score_diff"])}
+                    "max_abs_score_diff": max(good["max_abs_score_diff"], defects["max_abs_score_diff"]),
+                    "mean_abs_score_diff": (good["mean_abs_score_diff"] + defects["mean_abs_score_diff"]) / 2}
             n_calib = min(calibration_images, len(list_images(source)))
             check = {**real, "precision": "int8", "checked_on": "inputs of training images not calibrated on, "
                      "as they are and with synthetic defects" if unseen else "inputs of the calibration images "
                      "(no others), as they are and with synthetic defects",
                      "calibration": {"folder": str(source), "images": n_calib, "inputs": len(calib)},
                      "good_images": good, "synthetic_defects": defects, "synthetic_images": synthetic,
-                     "tolerance": {"max_abs_score_diff": INT8_SCORE_TOLERANCE,
+                     "tolerance": {"mean_abs_score_diff": INT8_MEAN_SCORE_TOLERANCE,
+                                   "max_abs_score_diff": INT8_SCORE_TOLERANCE,
                                    "mean_abs_map_diff": INT8_MEAN_MAP_TOLERANCE}}
-            if not (real["max_abs_score_diff"] <= INT8_SCORE_TOLERANCE
+            if not (real["mean_abs_score_diff"] <= INT8_MEAN_SCORE_TOLERANCE
+                    and real["max_abs_score_diff"] <= INT8_SCORE_TOLERANCE
                     and real["mean_abs_map_diff"] <= INT8_MEAN_MAP_TOLERANCE):
-                raise GRDNetError(f"{folder}: the INT8 model strays too far from PyTorch on {real['images']} "
-                                  f"network inputs of training images (max score difference {real['max_abs_score_diff']:.3f}, "
-                                  f"allowed {INT8_SCORE_TOLERANCE}; mean map difference "
-                                  f"{real['mean_abs_map_diff']:.4f}, allowed {INT8_MEAN_MAP_TOLERANCE}); "
-                                  "nothing written")
+                raise GRDNetError(
+                    f"{folder}: the INT8 model strays too far from PyTorch on {real['images']} network inputs of "
+                    f"training images (score difference mean {real['mean_abs_score_diff']:.3f}, allowed "
+                    f"{INT8_MEAN_SCORE_TOLERANCE}, max {real['max_abs_score_diff']:.3f}, allowed {INT8_SCORE_TOLERANCE}; "
+                    f"mean map difference {real['mean_abs_map_diff']:.4f}, allowed {INT8_MEAN_MAP_TOLERANCE}); "
+                    "nothing written")
         del compiled
         props = contract(cfg, meta, config_text)
         props.update(format=OV_FORMAT, format_version=str(OV_FORMAT_VERSION), precision=check["precision"],
