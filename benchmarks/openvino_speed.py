@@ -88,7 +88,8 @@ def main(argv=None):
         for n, task in tasks.items():
             for k, b in backends.items():
                 times[(k, n)].append(_time(lambda: task(b), reps[n]))
-    info = {"date": dt.datetime.now().isoformat(timespec="minutes"), "machine": platform.processor() or platform.machine(),
+    info = {"date": dt.datetime.now().isoformat(timespec="minutes"),
+            "machine": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "load_avg": os.getloadavg(), "threads": a.threads, "torch": torch.__version__,
             "image_size": cfg.image_size, "flip_average": cfg.flip_average, "aspect": cfg.aspect,
             "predict_images": len(files), "rounds": a.rounds}

@@ -490,7 +490,8 @@ def export_openvino(model_path, out_file=None, *, int8: bool = False, calibratio
                 raise GRDNetError(
                     f"{folder}: the INT8 model strays too far from PyTorch on {real['images']} network inputs of "
                     f"training images (score difference mean {real['mean_abs_score_diff']:.3f}, allowed "
-                    f"{INT8_MEAN_SCORE_TOLERANCE}, max {real['max_abs_score_diff']:.3f}, allowed {INT8_SCORE_TOLERANCE}; "
+                    f"{INT8_MEAN_SCORE_TOLERANCE}, max {real['max_abs_score_diff']:.3f}, allowed "
+                    f"{INT8_SCORE_TOLERANCE}; "
                     f"mean map difference {real['mean_abs_map_diff']:.4f}, allowed {INT8_MEAN_MAP_TOLERANCE}); "
                     "nothing written")
         del compiled
