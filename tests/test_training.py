@@ -186,3 +186,19 @@ def test_length_flags(tiny_dataset, tmp_path, capsys):
     assert "2 steps = 0.89 epochs" in capsys.readouterr().out  # 9 images: 2 batches of 4
     _, t = build_config("paper", train={"steps": 100})
     assert (t.steps, t.epochs) == (100, None)  # a length by steps replaces the preset's epochs
+
+
+def test_lighting_augmentation_moves_the_image_not_the_roi():
+    m, t = build_config("tiny", model={"channels": 1}, train={"brightness": 0.3, "contrast": 0.3, "rotation": 0.0,
+                                                               "hflip": False, "vflip": False})
+    module = GRDNetModule(m, t)
+    image = torch.full((8, 1, 32, 32), 0.5) + 0.1 * torch.rand(8, 1, 32, 32)
+    roi = (torch.rand(8, 1, 32, 32) > 0.5).float()
+    out = module._augment(torch.cat([image, roi], 1), batch_idx=0)
+    assert torch.equal(out[:, 1:], roi)  # the ROI channel is never relit
+    means = out[:, 0].mean((1, 2))
+    assert means.max() - means.min() > 0.1  # every image its own brightness
+    assert torch.equal(out, module._augment(torch.cat([image, roi], 1), batch_idx=0))  # seeded per step
+    plain = GRDNetModule(*build_config("tiny", model={"channels": 1}, train={"rotation": 0.0, "hflip": False,
+                                                                             "vflip": False}))
+    assert plain.lighting is None and torch.equal(plain._augment(torch.cat([image, roi], 1), 0)[:, :1], image)
