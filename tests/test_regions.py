@@ -111,6 +111,12 @@ def test_service_returns_regions_and_mask():
         r = c.post("/predict/batch", params={"pixel_threshold": 0.95},
                    files=[("files", ("a.png", buf.getvalue(), "image/png"))])
         assert r.json()["results"][0]["regions"] == [] and r.json()["results"][0].get("defect_mask_png") is None
+        # The request's threshold decides, and a good decision has no region.
+        r = c.post("/predict", params={"threshold": 0.95}, files={"file": ("a.png", buf.getvalue(), "image/png")})
+        assert (r.json()["label"], r.json()["regions"]) == ("good", [])
+    with TestClient(create_app(square_predictor(meta={}))) as c:  # no pixel threshold: the threshold in use
+        r = c.post("/predict", params={"threshold": 0.2}, files={"file": ("a.png", buf.getvalue(), "image/png")})
+        assert r.json()["pixel_threshold"] == 0.2 and len(r.json()["regions"]) == 1
 
 
 def test_cli_writes_masks_and_regions_and_test_reports_them(trained_tiny, tmp_path, capsys):

@@ -282,11 +282,11 @@ def _add_error_handlers(app: FastAPI) -> None:
 # ---- inference ---------------------------------------------------------------------------------
 
 async def _infer(batcher: MicroBatcher, queue_size: int, uploads: list[Upload], overlay: bool,
-                 pixel_threshold: float | None = None):
+                 threshold: float | None = None, pixel_threshold: float | None = None):
     """Score `uploads` on the worker: (the batch result, this request's timings in ms)."""
     t0 = time.perf_counter()
     try:
-        future = batcher.submit(uploads, overlay, pixel_threshold)
+        future = batcher.submit(uploads, overlay, threshold, pixel_threshold)
     except QueueFull:
         raise HTTPException(503, f"busy: the inference queue is full ({queue_size} requests "
                                  "waiting); retry shortly", headers={"Retry-After": "1"}) from None
@@ -353,7 +353,7 @@ def _add_inference_routes(app: FastAPI, predictor, batcher: MicroBatcher, settin
                       mask: Annotated[bool, mask_q] = False):
         name = _name(file.filename, 0)
         upload = Upload(name, await file.read(), await _roi_upload(roi))
-        result, timings = await _infer(batcher, settings.queue_size, [upload], overlay,
+        result, timings = await _infer(batcher, settings.queue_size, [upload], overlay, threshold,
                                        pixel_threshold)
         thr, source = _threshold_used(predictor, threshold)
         item = _item_json(name, result.items[0], thr, mask)
@@ -376,7 +376,7 @@ def _add_inference_routes(app: FastAPI, predictor, batcher: MicroBatcher, settin
             raise HTTPException(413, f"{len(files)} files in one request; the limit is {settings.max_files}")
         shared_roi = await _roi_upload(roi)  # one ROI for every image (a fixed camera), as `--roi FILE`
         uploads = [Upload(_name(f.filename, i), await f.read(), shared_roi) for i, f in enumerate(files)]
-        result, timings = await _infer(batcher, settings.queue_size, uploads, overlay, pixel_threshold)
+        result, timings = await _infer(batcher, settings.queue_size, uploads, overlay, threshold, pixel_threshold)
         thr, source = _threshold_used(predictor, threshold)
         items = [_item_json(u.name, it, thr, mask) for u, it in zip(uploads, result.items)]
         return {"model_id": model_id, "threshold": thr, "threshold_source": source, "n_images": len(items),

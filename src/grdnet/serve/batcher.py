@@ -55,7 +55,8 @@ class JobResult:
 class _Job:
     uploads: list[Upload]
     overlay: bool
-    pixel_threshold: float | None = None  # the request's, for its regions and overlay contours
+    threshold: float | None = None  # the request's thresholds, for its decisions, regions and contours
+    pixel_threshold: float | None = None
     future: Future = field(default_factory=Future)
     submitted: float = field(default_factory=time.perf_counter)
     # filled by the worker
@@ -100,10 +101,11 @@ class MicroBatcher:
         self._queue.put(_STOP)
         thread.join(timeout)
 
-    def submit(self, uploads: list[Upload], overlay: bool = False, pixel_threshold: float | None = None) -> Future:
+    def submit(self, uploads: list[Upload], overlay: bool = False, threshold: float | None = None,
+               pixel_threshold: float | None = None) -> Future:
         """Queue a job; the future resolves to a `JobResult`. Raises `QueueFull`."""
         self.start()
-        job = _Job(list(uploads), overlay, pixel_threshold)
+        job = _Job(list(uploads), overlay, threshold, pixel_threshold)
         try:
             self._queue.put_nowait(job)
         except queue.Full:
@@ -197,8 +199,7 @@ class MicroBatcher:
             for i, arr in j.arrays:
                 p = preds[k]
                 k += 1
-                if j.pixel_threshold is not None:
-                    p.pixel_threshold = j.pixel_threshold
+                _request_thresholds(p, j, self.predictor)
                 png = _overlay_png(arr, p.anomaly_map, getattr(p, "defect_mask", None)) if j.overlay else None
                 items[i] = Scored(p, arr.shape[1], arr.shape[0], png, j.rois[i][1] if i in j.rois else None)
             timings = {"queue": (j.started - j.submitted) * 1000, "decode": j.decode_ms, "inference": infer_ms,
@@ -206,6 +207,19 @@ class MicroBatcher:
             results.append((j, JobResult(items, {k_: round(v, 2) for k_, v in timings.items()}, len(arrays))))
         for j, r in results:  # only once everything succeeded, so a retry never sees a done future
             j.future.set_result(r)
+
+
+def _request_thresholds(p, job: _Job, predictor) -> None:
+    """Apply a request's thresholds to a prediction the batch made with the model's, before its
+    regions are drawn: the pixel threshold follows the request's threshold unless either is set."""
+    if not hasattr(p, "pixel_threshold"):  # a predictor without regions
+        return
+    if job.threshold is not None:
+        p.threshold, p.is_anomalous = job.threshold, bool(p.score >= job.threshold)
+        if getattr(predictor, "pixel_threshold", None) is None:
+            p.pixel_threshold = job.threshold
+    if job.pixel_threshold is not None:
+        p.pixel_threshold = job.pixel_threshold
 
 
 def _overlay_png(image: np.ndarray, anomaly_map: np.ndarray, defects: np.ndarray | None = None) -> str:
