@@ -65,9 +65,9 @@ class Gallery:
         if mask is not None and mask.any():
             # BOX keeps a thin defect visible: any covered thumbnail pixel stays in the mask.
             small_mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(thumb, Image.BOX)) > 0
-        small_defects = None
-        if pred.defect_mask is not None and pred.defect_mask.any():
-            small_defects = np.asarray(Image.fromarray(pred.defect_mask.astype(np.uint8) * 255).resize(thumb, Image.BOX)) > 0
+        small_defects, found = None, getattr(pred, "defect_mask", None)  # duck-typed predictions have none
+        if found is not None and found.any():
+            small_defects = np.asarray(Image.fromarray(found.astype(np.uint8) * 255).resize(thumb, Image.BOX)) > 0
         entry = (key, next(self._order), sample, pred.score, pred.is_anomalous, small_map, small_mask, small_defects)
         if len(heap) >= self.size:
             heapq.heapreplace(heap, entry)
