@@ -55,8 +55,8 @@ def run_test(predictor: BasePredictor, data, threshold: float | None = None, bat
         "threshold": thr,
         "threshold_source": "override" if threshold is not None else predictor.meta.get("threshold_rule"),
         "at_threshold": threshold_metrics(scores, labels, thr) if thr is not None else None,
-        "regions": {"pixel_threshold": predictor.pixel_threshold if predictor.pixel_threshold is not None else thr,
-                    **tally.figures()} if has_masks and (predictor.pixel_threshold, thr) != (None, None) else None,
+        "regions": {"pixel_threshold": predictor.pixel_threshold_for(thr), **tally.figures()}
+        if has_masks and predictor.pixel_threshold_for(thr) is not None else None,
         "binning": _binning(bins, details),
         "images": rows,
     }

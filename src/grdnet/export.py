@@ -353,7 +353,8 @@ def _calibration_inputs(folder: Path, cfg: ModelConfig, meta: dict, n_images: in
 
     paths = list_images(folder)
     pick = np.unique(np.linspace(0, len(paths) - 1, min(n_images, len(paths))).round().astype(int))
-    rest = [p for i, p in enumerate(paths) if i not in set(pick.tolist())]
+    picked = set(pick.tolist())
+    rest = [p for i, p in enumerate(paths) if i not in picked]
     check = [rest[i] for i in np.unique(np.linspace(0, len(rest) - 1, min(n_check, len(rest))).round().astype(int))] \
         if rest else [paths[i] for i in pick[:n_check]]
 

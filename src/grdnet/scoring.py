@@ -136,6 +136,12 @@ class BasePredictor:
         """(B, C, S, S) in [0, 1] -> (anomaly maps (B, 1, S, S) float, image scores (B,))."""
         raise NotImplementedError
 
+    def pixel_threshold_for(self, threshold: float | None = None, pixel_threshold: float | None = None):
+        """The pixel threshold in use: `pixel_threshold`, else the predictor's, else the image
+        threshold in use (`threshold`, else the predictor's); None without any."""
+        return next((t for t in (pixel_threshold, self.pixel_threshold, threshold, self.threshold)
+                     if t is not None), None)
+
     def maps(self, batch: torch.Tensor) -> torch.Tensor:
         """(B, C, S, S) in [0, 1] at model size -> anomaly maps (B, 1, S, S)."""
         return self._run(batch)[0][:, :1]
@@ -165,8 +171,7 @@ class BasePredictor:
         for start in range(0, len(items), batch_size):
             end = start + batch_size
             out.extend(self._predict_batch(items[start:end], threshold, rois[start:end], tile, batch_size))
-        pixel_thr = next((t for t in (pixel_threshold, self.pixel_threshold, threshold, self.threshold)
-                          if t is not None), None)
+        pixel_thr = self.pixel_threshold_for(threshold, pixel_threshold)
         for p, r in zip(out, rois):
             p.pixel_threshold, p.roi = pixel_thr, None if r is None else np.asarray(r, dtype=bool)
         return out[0] if single else out

@@ -211,14 +211,14 @@ class MicroBatcher:
 
 def _request_thresholds(p, job: _Job, predictor) -> None:
     """Apply a request's thresholds to a prediction the batch made with the model's, before its
-    regions are drawn: the pixel threshold follows the request's threshold unless either is set."""
+    regions are drawn, by the rule of `BasePredictor.pixel_threshold_for`."""
     if not hasattr(p, "pixel_threshold"):  # a predictor without regions
         return
     if job.threshold is not None:
         p.threshold, p.is_anomalous = job.threshold, bool(p.score >= job.threshold)
-        if getattr(predictor, "pixel_threshold", None) is None:
-            p.pixel_threshold = job.threshold
-    if job.pixel_threshold is not None:
+    if hasattr(predictor, "pixel_threshold_for"):  # duck-typed predictors keep their predictions' own
+        p.pixel_threshold = predictor.pixel_threshold_for(job.threshold, job.pixel_threshold)
+    elif job.pixel_threshold is not None:
         p.pixel_threshold = job.pixel_threshold
 
 
