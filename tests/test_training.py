@@ -182,6 +182,9 @@ def test_length_flags(tiny_dataset, tmp_path, capsys):
     assert "not both" in capsys.readouterr().err
     assert main(args + ["--steps", "0"]) == 2
     assert "must be positive" in capsys.readouterr().err
+    assert main(args + ["--max-minutes", "0"]) == 2  # not "stop at once" with a model that looks trained
+    assert "max_minutes must be a positive" in capsys.readouterr().err
+    assert not (tmp_path / "r" / "model").exists()
     assert main(args + ["--epochs", "1"]) == 0
     assert "2 steps = 0.89 epochs" in capsys.readouterr().out  # 9 images: 2 batches of 4
     _, t = build_config("paper", train={"steps": 100})

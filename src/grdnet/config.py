@@ -122,6 +122,9 @@ class TrainConfig:
                               f"(got steps={self.steps}, epochs={self.epochs})")
         if (self.steps if self.steps is not None else self.epochs) < 1:
             raise GRDNetError(f"the training length must be positive, got steps={self.steps}, epochs={self.epochs}")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise GRDNetError(f"max_minutes must be a positive number of minutes (or null for no cap), got "
+                              f"{self.max_minutes}")
         if not (0 <= self.brightness <= 1 and 0 <= self.contrast < 1):
             raise GRDNetError(f"brightness must be in [0, 1] and contrast in [0, 1), got {self.brightness} and "
                               f"{self.contrast}")
