@@ -28,25 +28,24 @@ class Snapshots(L.Callback):
     (batches: with the GAN, each batch makes two optimiser steps)."""
 
     def __init__(self, out: Path, every_minutes: float | None = None, every_steps: int | None = None):
-        self.out, self.t0, self.saved, self.batches = out, None, [], 0
+        self.out, self.t0, self.saved = out, None, []
         self.every_steps, self.every = every_steps, (every_minutes or 0) * 60
         self.next = every_steps if every_steps else self.every
 
     def on_train_batch_end(self, trainer, module, *args):
         self.t0 = self.t0 or time.time()
-        self.batches += 1
-        elapsed = time.time() - self.t0
-        if (self.batches if self.every_steps else elapsed) >= self.next:
+        steps, elapsed = module.batches_trained, time.time() - self.t0
+        if (steps if self.every_steps else elapsed) >= self.next:
             self.next += self.every_steps or self.every
-            name = f"step{self.batches:06d}" if self.every_steps else f"{elapsed / 60:05.1f}min"
+            name = f"step{steps:06d}" if self.every_steps else f"{elapsed / 60:05.1f}min"
             folder = self.out / f"snap-{name}"
             # with `ema_decay`, snapshot the weight average: that is what a run stopped here would save
             averaging = [c for c in trainer.callbacks if isinstance(c, WeightAveraging)]
             net = averaging[0]._average_model.module if averaging else module
             save_model(folder, net.net, module.model_cfg,
-                       {"threshold": None, "training": {"minutes": elapsed / 60, "steps": self.batches,
+                       {"threshold": None, "training": {"minutes": elapsed / 60, "steps": steps,
                                                    "train_config": {"train_crops": module.train_cfg.train_crops}}})
-            self.saved.append((elapsed / 60, self.batches, folder))
+            self.saved.append((elapsed / 60, steps, folder))
 
 
 def main():

@@ -117,7 +117,7 @@ def resolve_set(name: str, data_root: Path, out: Path) -> Path:
 def run_one(name: str, data: Path, seed: int, a, overrides: dict) -> dict:
     t0 = time.time()
     model = grdnet.train(data, a.out / "runs" / name / f"seed{seed}", preset=a.preset, config_file=a.config,
-                         max_minutes=a.max_minutes, train={**overrides, "seed": seed}, progress=False)
+                         max_minutes=a.max_minutes or None, train={**overrides, "seed": seed}, progress=False)
     wall = (time.time() - t0) / 60
     predictor = grdnet.load(model)
     r = run_test(predictor, data)
@@ -165,7 +165,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sets", nargs="+", default=list(SETS), choices=SETS, metavar="NAME",
                     help=f"any of: {', '.join(SETS)} (default: all)")
     ap.add_argument("--max-minutes", type=float, default=20.0, metavar="M",
-                    help="training budget per run (default 20, as in docs/RESULTS.md)")
+                    help="training budget per run (default 20, as in docs/RESULTS.md; 0: no cap)")
     ap.add_argument("--steps", type=int, metavar="N", help="stop after N training steps (passed as train={'steps': N})")
     ap.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "data", metavar="DIR",
                     help="folder holding magnetic_tile/ and deeppcb/ (default: ../shared/data)")
