@@ -183,6 +183,51 @@ def test_training_on_crops_gives_a_tiling_model(tmp_path):
     assert predictor.tile  # trained on crops -> tiled inference by default
     assert not grdnet.load(model, tile=False).tile
     assert predictor.predict(data / "test" / "hole" / "000.png").anomaly_map.shape == (48, 64)
+    both = grdnet.train(data, tmp_path / "both", preset="tiny", steps=2, progress=False,
+                        train={"train_crops": "both"})
+    assert grdnet.load(both).tile == "both"
+
+
+def test_both_views_dataset_mixes_whole_images_and_native_crops(tmp_path):
+    rng = np.random.default_rng(4)
+    big = rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)
+    path = _write(tmp_path / "big.png", big)
+    ds = ImageDataset([path], 3, 32, crop="both")
+    whole = ImageDataset([path], 3, 32)[0]
+    torch.manual_seed(0)
+    kinds = []
+    for _ in range(40):
+        item = ds[0]
+        assert item.shape == (4, 32, 32) and item[3].min() == 1
+        if torch.allclose(item, whole, atol=1 / 255):
+            kinds.append("whole")
+        else:  # otherwise a window of the original pixels
+            crop = (item[:3] * 255).round().byte().permute(1, 2, 0).numpy()
+            assert any((big[y:y + 32, x:x + 32] == crop).all() for y in range(59) for x in range(89))
+            kinds.append("crop")
+    assert 10 <= kinds.count("whole") <= 30
+    from grdnet.errors import GRDNetError
+
+    with pytest.raises(GRDNetError, match='train_crops must be false, true or "both"'):
+        build_config("tiny", train={"train_crops": "yes"})
+
+
+def test_both_views_score_an_image_whole_and_as_tiles(monkeypatch):
+    img = np.full((100, 100), 128, np.uint8)
+    img[10:13, 10:13] = 255  # 3 px: tiles see it at full strength, the whole image resized barely
+    predictor = Predictor(Gray(), CFG, tile="both")
+    seen = []
+    run = predictor._run
+    monkeypatch.setattr(predictor, "_run", lambda b: (seen.append(len(b)), run(b))[1])
+    pred = predictor.predict(img)
+    assert sum(seen) == 1 + len(tile_starts(100, 32, 0.25)) ** 2  # one whole pass, then the tiles
+    tiled = Predictor(Gray(), CFG, tile=True).predict(img)
+    whole = Predictor(Gray(), CFG).predict(img)
+    assert pred.score == pytest.approx(max(tiled.score, whole.score))
+    np.testing.assert_allclose(pred.anomaly_map, np.maximum(tiled.anomaly_map, whole.anomaly_map))
+    assert tiled.score > whole.score
+    assert len(Predictor(Gray(), CFG, tile="both").predict(np.zeros((32, 32), np.uint8)).anomaly_map) == 32
+    assert scoring.image_views(CFG, (20, 20), "both") == ("squeeze",)  # not larger than the model
 
 
 def test_roi_of_the_wrong_size_is_a_clear_error():

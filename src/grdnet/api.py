@@ -9,13 +9,13 @@ from .errors import GRDNetError
 from .scoring import BasePredictor, Predictor
 
 
-def load(path, device: str = "cpu", tile: bool | None = None) -> BasePredictor:
+def load(path, device: str = "cpu", tile: bool | str | None = None) -> BasePredictor:
     """Load a trained model for prediction: a model folder or a run folder (PyTorch `Predictor`),
     a `.onnx` file written by `grdnet export` (ONNX Runtime `OnnxPredictor`, CPU), or an `.xml`
     written by `grdnet export --format openvino` (OpenVINO `OpenVinoPredictor`, CPU).
 
-    `tile`: score images larger than the model as overlapping tiles (default: only for models
-    trained on crops); see `BasePredictor.predict`.
+    `tile`: score images larger than the model as overlapping tiles, or "both" whole and as
+    tiles (default: as the model was trained, `TrainConfig.train_crops`); see `BasePredictor.predict`.
     """
     if Path(path).suffix.lower() == ".onnx" and not Path(path).is_dir():
         from .export import OnnxPredictor
@@ -89,7 +89,7 @@ def resolve_config(data=None, preset: str = "cpu", *, steps: int | None = None, 
 
 
 def predict(model, images, *, threshold: float | None = None, pixel_threshold: float | None = None, roi=None,
-            tile: bool | None = None, batch_size: int = 16, device: str = "cpu"):
+            tile: bool | str | None = None, batch_size: int = 16, device: str = "cpu"):
     """Load `model` (as `load` does) and score `images`: a path, array or PIL image gives one
     `Prediction`, a list gives a list. Loading once and calling `predict` on the loaded model is
     faster for many calls."""
@@ -98,7 +98,7 @@ def predict(model, images, *, threshold: float | None = None, pixel_threshold: f
 
 
 def test(model, data, *, out=None, threshold: float | None = None, pixel_threshold: float | None = None, roi=None,
-         roi_default=None, allow_missing_masks: bool = False, tile: bool | None = None, gallery_size: int = 6,
+         roi_default=None, allow_missing_masks: bool = False, tile: bool | str | None = None, gallery_size: int = 6,
          device: str = "cpu") -> dict:
     """Evaluate `model` on `data/test` with its ground truth (what `grdnet test` does); returns the
     report dict (metrics overall and per defect type, per-image rows, region-level figures). With

@@ -224,7 +224,8 @@ class ImageDataset(torch.utils.data.Dataset):
     real pixel size, and tiled inference (`predict(..., tile=True)`) matches it. Images smaller
     than the model size are padded by repeating their edge. `keep_aspect=True` (a model with
     `ModelConfig.aspect` "keep") first resizes each image so that its shorter side is the model
-    size, then crops: the image is scaled alike in both directions, never squeezed.
+    size, then crops: the image is scaled alike in both directions, never squeezed. `crop="both"`
+    returns, for each sample with even odds, the whole image resized or a native crop.
 
     Small datasets are decoded once and kept in memory as uint8 (the usual case on one machine);
     large ones are decoded on demand in the loader's workers.
@@ -233,10 +234,11 @@ class ImageDataset(torch.utils.data.Dataset):
     CACHE_BYTES = 2 * 1024 ** 3
 
     def __init__(self, paths: list[Path], channels: int, size: int, rois: list[Path | None] | None = None,
-                 crop: bool = False, keep_aspect: bool = False):
+                 crop: bool | str = False, keep_aspect: bool = False):
         self.paths, self.channels, self.size = list(paths), channels, size
         self.rois, self.keep_aspect = rois, keep_aspect
-        self.crop = crop or keep_aspect
+        self.whole_too = crop == "both" and not keep_aspect
+        self.crop = bool(crop) or keep_aspect
         self.cache = None
         if keep_aspect:
             pixels = sum(math.prod(short_side_size(wh[::-1], size)) for wh in map(image_size_of, self.paths))
@@ -270,6 +272,11 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> torch.Tensor:
         """(C + 1, S, S) float: image channels then the ROI channel."""
         item = self.cache[i] if self.cache is not None else self._decode(i)
+        if self.whole_too and bool(torch.randint(2, ())):
+            item = item.float() / 255.0
+            c = self.channels
+            return torch.cat([resize_to(item[:c], (self.size, self.size)),
+                              resize_to(item[c:], (self.size, self.size), mode="nearest")])
         if self.crop:
             h, w = item.shape[1:]
             y = int(torch.randint(h - self.size + 1, ()))

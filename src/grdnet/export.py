@@ -220,12 +220,12 @@ class OnnxPredictor(BasePredictor):
     """
 
     def __init__(self, session, cfg: ModelConfig, threshold: float | None = None, meta: dict | None = None,
-                 tile: bool = False, tile_overlap: float = 0.25):
+                 tile: bool | str = False, tile_overlap: float = 0.25):
         super().__init__(cfg, threshold, meta, tile, tile_overlap)
         self.session = session
 
     @classmethod
-    def load(cls, path, threads: int | None = None, tile: bool | None = None,
+    def load(cls, path, threads: int | None = None, tile: bool | str | None = None,
              providers: list[str] | None = None) -> "OnnxPredictor":
         """Open a file written by `export_onnx`. `threads`: ONNX Runtime intra-op threads
         (default: as many as PyTorch uses)."""
@@ -311,7 +311,7 @@ class _InputRecorder(BasePredictor):
     """Collects the model-size tensors the network would see for each image (every view, every
     tile); returns empty maps, so nothing is scored."""
 
-    def __init__(self, cfg: ModelConfig, tile: bool):
+    def __init__(self, cfg: ModelConfig, tile: bool | str):
         super().__init__(cfg, tile=tile)
         self.seen: list[torch.Tensor] = []
 
@@ -537,12 +537,12 @@ class OpenVinoPredictor(BasePredictor):
     """
 
     def __init__(self, compiled, cfg: ModelConfig, threshold: float | None = None, meta: dict | None = None,
-                 tile: bool = False, tile_overlap: float = 0.25):
+                 tile: bool | str = False, tile_overlap: float = 0.25):
         super().__init__(cfg, threshold, meta, tile, tile_overlap)
         self.compiled = compiled
 
     @classmethod
-    def load(cls, path, threads: int | None = None, tile: bool | None = None) -> "OpenVinoPredictor":
+    def load(cls, path, threads: int | None = None, tile: bool | str | None = None) -> "OpenVinoPredictor":
         """Open an `.xml` (with its `.bin` beside it) written by `export_openvino`. `threads`:
         OpenVINO inference threads (default: as many as PyTorch uses)."""
         path = Path(path)

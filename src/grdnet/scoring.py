@@ -41,7 +41,7 @@ def image_scores(maps: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     return pooled.flatten(1).amax(1)
 
 
-def image_views(cfg: ModelConfig, hw: tuple[int, int], tile: bool) -> tuple[str, ...]:
+def image_views(cfg: ModelConfig, hw: tuple[int, int], tile: bool | str) -> tuple[str, ...]:
     """The views an image of size `hw` is scored in:
 
     - "squeeze": the whole image resized to the model size (one network pass, batched);
@@ -51,11 +51,15 @@ def image_views(cfg: ModelConfig, hw: tuple[int, int], tile: bool) -> tuple[str,
 
     `ModelConfig.aspect` "keep" scores the "keep" view alone; "both" adds it to the first view of
     non-square images (squeezing a 600 x 240 image shrinks a crack across it 2.5x more than along).
+    `tile` "both" (a model trained on whole images and crops alike) scores an image larger than
+    the model whole and as native tiles: a defect larger than a tile shows in the first, one a few
+    pixels wide in the second.
     """
     if cfg.aspect == "keep":
         return ("keep",)
-    first = "native" if tile and max(hw) > cfg.image_size else "squeeze"
-    return (first, "keep") if cfg.aspect == "both" and hw[0] != hw[1] else (first,)
+    large = max(hw) > cfg.image_size
+    first = ("squeeze", "native") if tile == "both" and large else ("native",) if tile and large else ("squeeze",)
+    return (*first, "keep") if cfg.aspect == "both" and hw[0] != hw[1] else first
 
 
 @dataclass
@@ -120,11 +124,12 @@ class BasePredictor:
     (`Predictor`: PyTorch; `grdnet.export.OnnxPredictor`: ONNX Runtime).
 
     `tile=True` scores images larger than the model size as overlapping tiles at native
-    resolution (see `predict`); `None` in `load` means "as the model was trained".
+    resolution (see `predict`), `tile="both"` whole and as tiles (the larger score); `None` in
+    `load` means "as the model was trained".
     """
 
     def __init__(self, cfg: ModelConfig, threshold: float | None = None, meta: dict | None = None,
-                 tile: bool = False, tile_overlap: float = 0.25):
+                 tile: bool | str = False, tile_overlap: float = 0.25):
         if not 0.0 <= tile_overlap < 1.0:
             raise ValueError(f"tile_overlap must be in [0, 1), got {tile_overlap}")
         self.cfg, self.threshold, self.meta = cfg, threshold, meta or {}
@@ -147,7 +152,7 @@ class BasePredictor:
         return self._run(batch)[0][:, :1]
 
     def predict(self, images: ImageInput | Sequence[ImageInput], threshold: float | None = None,
-                batch_size: int = 16, roi=None, tile: bool | None = None,
+                batch_size: int = 16, roi=None, tile: bool | str | None = None,
                 pixel_threshold: float | None = None) -> Prediction | list[Prediction]:
         """Score one image or a list. `threshold` overrides the stored image threshold,
         `pixel_threshold` the pixel threshold of the defect mask and regions (default: the
@@ -160,6 +165,8 @@ class BasePredictor:
         into overlapping model-size tiles at its own resolution (no downscaling, so small defects
         keep their size); the tile maps are blended with a smooth window into one map, and the
         score rule is applied to that map. Smaller images take the usual whole-image path.
+        `tile="both"` scores a large image both ways: the map is the pixel-wise maximum, the
+        score the larger one.
         """
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
@@ -176,7 +183,7 @@ class BasePredictor:
             p.pixel_threshold, p.roi = pixel_thr, None if r is None else np.asarray(r, dtype=bool)
         return out[0] if single else out
 
-    def _predict_batch(self, items, threshold, rois, tile: bool, batch_size: int) -> list[Prediction]:
+    def _predict_batch(self, items, threshold, rois, tile: bool | str, batch_size: int) -> list[Prediction]:
         thr = self.threshold if threshold is None else threshold
         arrays = [to_numpy_image(it, self.cfg.channels) for it in items]
         rois = [None if r is None else np.asarray(r, dtype=bool) for r in rois]
@@ -276,7 +283,7 @@ class Predictor(BasePredictor):
     """
 
     def __init__(self, net: GRDNet, cfg: ModelConfig, threshold: float | None = None,
-                 meta: dict | None = None, device: str | torch.device = "cpu", tile: bool = False,
+                 meta: dict | None = None, device: str | torch.device = "cpu", tile: bool | str = False,
                  tile_overlap: float = 0.25):
         super().__init__(cfg, threshold, meta, tile, tile_overlap)
         self.device = torch.device(device)
@@ -284,7 +291,7 @@ class Predictor(BasePredictor):
         self.net = cpu_inference_net(net) if self.device.type == "cpu" else net
 
     @classmethod
-    def load(cls, path, device: str | torch.device = "cpu", tile: bool | None = None) -> "Predictor":
+    def load(cls, path, device: str | torch.device = "cpu", tile: bool | str | None = None) -> "Predictor":
         """Load a model folder (or a training run folder holding one)."""
         from .modelfile import load_model
 
@@ -335,9 +342,11 @@ def _folded(module: torch.nn.Module) -> torch.nn.Module:
         return clone
 
 
-def trained_on_tiles(meta: dict) -> bool:
-    """Whether a model was trained on native-resolution crops, so tiled inference fits it."""
-    return bool(meta.get("training", {}).get("train_config", {}).get("train_crops", False))
+def trained_on_tiles(meta: dict) -> bool | str:
+    """Whether a model was trained on native-resolution crops, so tiled inference fits it: True,
+    False, or "both" (whole images and crops; scored both ways)."""
+    crops = meta.get("training", {}).get("train_config", {}).get("train_crops", False)
+    return "both" if crops == "both" else bool(crops)
 
 
 def resize_map(m: torch.Tensor, hw: tuple[int, int]) -> np.ndarray:
