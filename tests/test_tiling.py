@@ -188,6 +188,25 @@ def test_training_on_crops_gives_a_tiling_model(tmp_path):
     assert grdnet.load(both).tile == "both"
 
 
+def test_auto_crops_follow_the_image_to_model_size_ratio(tmp_path):
+    import grdnet
+    from conftest import write_dataset
+    from grdnet.data import CROP_FACTOR, choose_crops
+
+    paths = [_write(tmp_path / f"{i}.png", np.zeros((h, 200), np.uint8)) for i, h in enumerate((60, 95, 100))]
+    assert choose_crops(paths, 32) == (False, choose_crops(paths, 32)[1])  # median shorter side 95 < 3 x 32
+    crops, line = choose_crops(paths, 31)
+    assert crops and "95 px" in line and f"{CROP_FACTOR:g} times" in line
+    small = write_dataset(tmp_path / "small", n_train=6, n_good=1, n_bad=1, size=(48, 64))
+    large = write_dataset(tmp_path / "large", n_train=6, n_good=1, n_bad=1, size=(100, 120))
+    for data, tiled in ((small, False), (large, True)):
+        model = grdnet.train(data, tmp_path / f"run-{tiled}", preset="tiny", steps=2, progress=False,
+                             train={"train_crops": "auto"})
+        assert grdnet.load(model).tile is tiled  # the choice is recorded in the model, not "auto"
+    with pytest.raises(ValueError, match="resolve"):
+        ImageDataset(paths, 1, 32, crop="auto")
+
+
 def test_both_views_dataset_mixes_whole_images_and_native_crops(tmp_path):
     rng = np.random.default_rng(4)
     big = rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)
@@ -208,7 +227,7 @@ def test_both_views_dataset_mixes_whole_images_and_native_crops(tmp_path):
     assert 10 <= kinds.count("whole") <= 30
     from grdnet.errors import GRDNetError
 
-    with pytest.raises(GRDNetError, match='train_crops must be false, true or "both"'):
+    with pytest.raises(GRDNetError, match='train_crops must be false, true, "both" or "auto"'):
         build_config("tiny", train={"train_crops": "yes"})
 
 

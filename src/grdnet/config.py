@@ -95,7 +95,8 @@ class TrainConfig:
     brightness: float = 0.0  # augmentation: brightness shifted by a draw in [-b, b] (intensities 0..1); 0: off
     contrast: float = 0.0  # augmentation: contrast scaled by a draw in [1 - c, 1 + c]; 0: off
     train_crops: bool | str = False  # True: native-resolution crops (scored with tiles) instead of resizing;
-    # "both": half the samples each way, scored in both views (the larger score; see scoring.image_views)
+    # "both": half the samples each way, scored in both views (the larger score; see scoring.image_views);
+    # "auto": crops when the images are much larger than the model (data.choose_crops), else resized
     val_fraction: float = 0.1  # good training images held out to calibrate the threshold
     val_min: int = 8  # at least this many held out (at most a quarter of the images); see calibration.py
     threshold_quantile: float = 0.99  # the share of good images the threshold is meant to pass
@@ -129,8 +130,8 @@ class TrainConfig:
         if not (0 <= self.brightness <= 1 and 0 <= self.contrast < 1):
             raise GRDNetError(f"brightness must be in [0, 1] and contrast in [0, 1), got {self.brightness} and "
                               f"{self.contrast}")
-        if self.train_crops not in (False, True, "both"):
-            raise GRDNetError(f"train_crops must be false, true or \"both\", got {self.train_crops!r}")
+        if self.train_crops not in (False, True, "both", "auto"):
+            raise GRDNetError(f"train_crops must be false, true, \"both\" or \"auto\", got {self.train_crops!r}")
         if self.roi_mode not in ("target", "prediction", "none"):
             raise GRDNetError(f"roi_mode must be target, prediction or none, got {self.roi_mode!r}")
 

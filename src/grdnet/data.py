@@ -148,6 +148,23 @@ def image_size_of(path) -> tuple[int, int]:
         raise GRDNetError(f"{path}: cannot read image ({e})") from None
 
 
+# Resizing an image this many times larger than the model shrinks a defect to a third of its width
+# or less: a crack a few pixels wide, or a board's small defects, fall below the score box.
+CROP_FACTOR = 3.0
+
+
+def choose_crops(paths: list[Path], size: int) -> tuple[bool, str]:
+    """The `train_crops="auto"` rule: native-resolution crops (and tiled scoring) when the median
+    shorter side of the training images is at least `CROP_FACTOR` times the model size, else whole
+    images resized to it. Returns the choice and a line saying why."""
+    short = float(np.median([min(image_size_of(p)) for p in paths]))
+    factor = short / size
+    crops = factor >= CROP_FACTOR
+    how = f"native {size} px crops, tiled scoring" if crops else f"whole images resized to {size} px"
+    return crops, (f"train_crops auto: {how} (the images' median shorter side is {short:g} px, {factor:.1f} times "
+                   f"the model's; crops from {CROP_FACTOR:g} times)")
+
+
 @dataclass
 class TestSample:
     path: Path
@@ -235,6 +252,8 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __init__(self, paths: list[Path], channels: int, size: int, rois: list[Path | None] | None = None,
                  crop: bool | str = False, keep_aspect: bool = False):
+        if crop not in (False, True, "both"):
+            raise ValueError(f"crop must be False, True or \"both\" (resolve \"auto\" first), got {crop!r}")
         self.paths, self.channels, self.size = list(paths), channels, size
         self.rois, self.keep_aspect = rois, keep_aspect
         self.whole_too = crop == "both" and not keep_aspect

@@ -20,7 +20,7 @@ import shutil
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import lightning as L
@@ -33,7 +33,7 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 from .calibration import held_out_threshold, split_train_val
 from .config import ModelConfig, TrainConfig, to_dict, to_json_dict
-from .data import ImageDataset, train_images
+from .data import ImageDataset, choose_crops, train_images
 from .defects import load_textures
 from .errors import GRDNetError
 from .files import atomic_write, write_json
@@ -608,17 +608,23 @@ def train(data, out, model_cfg: ModelConfig, train_cfg: TrainConfig, *, accelera
     out = Path(out)
     launch = Launch(accelerator, devices, num_nodes, resolve_strategy(strategy, accelerator, devices, num_nodes),
                     resolve_precision(precision, accelerator), deterministic)
-    resumed = _resumable(out, model_cfg, train_cfg) if resume else None
     train_paths, val_paths = split_train_val(train_images(data), train_cfg.val_fraction, train_cfg.seed,
                                             train_cfg.val_min)
     if not train_paths:
         raise GRDNetError(f"{data}: no training images left after the validation split")
+    crops_line = None
+    if train_cfg.train_crops == "auto":  # resolved here, so checkpoints and the model record the choice
+        crops, crops_line = choose_crops(train_paths, model_cfg.image_size)
+        train_cfg = replace(train_cfg, train_crops=crops)
+    resumed = _resumable(out, model_cfg, train_cfg) if resume else None
     L.seed_everything(train_cfg.seed, workers=True, verbose=False)
     out.mkdir(parents=True, exist_ok=True)
     dataset = _dataset(data, train_paths, model_cfg, train_cfg, roi, roi_default)
     module = _module(model_cfg, train_cfg, accelerator)
     plan = plan_training(len(dataset), train_cfg, _world_size(accelerator, devices, num_nodes))
     if progress and _launch_rank_zero():
+        if crops_line:
+            print(crops_line, flush=True)
         print(describe_plan(plan, len(dataset), train_cfg), flush=True)
 
     run_doc = json.loads((out / "run.json").read_text()) if resume and (out / "run.json").is_file() else {}
