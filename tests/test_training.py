@@ -146,7 +146,7 @@ def test_length_in_steps_whatever_the_number_of_images(tmp_path):
 
 def test_length_by_epochs_is_passes_over_the_images(tmp_path):
     from conftest import write_dataset
-    from grdnet.engine import plan_training
+    from grdnet.engine import describe_plan, plan_training
 
     data = write_dataset(tmp_path / "d", n_train=30, size=(32, 32))  # 23 trained on, 7 held out
     model = grdnet.train(data, tmp_path / "r", preset="tiny", epochs=2, progress=False)
@@ -154,6 +154,9 @@ def test_length_by_epochs_is_passes_over_the_images(tmp_path):
     assert (t["n_train"], t["n_val"], t["steps"], t["epochs"]) == (23, 7, 12, 2.09)  # 46 / 4 = 11.5 -> 12 steps
     _, cfg = build_config("cpu", train={"epochs": 200})
     assert plan_training(685, cfg).steps == 8563 and plan_training(23, cfg).steps == 288
+    _, both = build_config("cpu", train={"steps": 2500, "epochs": 100})  # the longer of the two
+    assert plan_training(685, both).steps == 4281 and plan_training(23, both).steps == 2500
+    assert describe_plan(plan_training(23, both), 23, both).endswith("the longer of 2,500 steps and 100 passes")
 
 
 def test_grd_cpu_preset_is_grdnet_whole(tiny_dataset, tmp_path):
@@ -178,8 +181,6 @@ def test_length_flags(tiny_dataset, tmp_path, capsys):
     from grdnet.cli import main
 
     args = ["train", str(tiny_dataset), "--out", str(tmp_path / "r"), "--preset", "tiny", "--no-progress"]
-    assert main(args + ["--steps", "3", "--epochs", "2"]) == 2
-    assert "not both" in capsys.readouterr().err
     assert main(args + ["--steps", "0"]) == 2
     assert "must be positive" in capsys.readouterr().err
     assert main(args + ["--max-minutes", "0"]) == 2  # not "stop at once" with a model that looks trained
@@ -187,6 +188,8 @@ def test_length_flags(tiny_dataset, tmp_path, capsys):
     assert not (tmp_path / "r" / "model").exists()
     assert main(args + ["--epochs", "1"]) == 0
     assert "2 steps = 0.89 epochs" in capsys.readouterr().out  # 9 images: 2 batches of 4
+    assert main(args[:3] + [str(tmp_path / "both")] + args[4:] + ["--steps", "3", "--epochs", "2"]) == 0
+    assert "5 steps = 2.22 epochs" in capsys.readouterr().out  # both: the longer, 9 x 2 / 4 -> 5 steps
     _, t = build_config("paper", train={"steps": 100})
     assert (t.steps, t.epochs) == (100, None)  # a length by steps replaces the preset's epochs
 

@@ -221,8 +221,9 @@ class GRDNet(GRDNetModule, AnomalibModule):
     `grdnet.build_config` (`paper`, `cpu`, `grd-cpu`, `tiny`), a JSON config file and overrides,
     e.g. ``GRDNet("cpu", train={"steps": 300}, model={"channels": 1})``.
 
-    The training length is the config's (`TrainConfig.steps`, or `epochs`, and `max_minutes`):
-    the model hands it to anomalib's `Engine` as its trainer arguments, which take precedence over
+    The training length is the config's (`TrainConfig.steps`, or `epochs`, and `max_minutes`;
+    where a preset sets both, `steps`: the trainer arguments are fixed before the datamodule's size
+    is known, so the longer of the two cannot be chosen here): the model hands it to anomalib's `Engine` as its trainer arguments, which take precedence over
     the Engine's own (anomalib logs the override). Validation, which computes anomalib's
     normalisation and thresholds, runs once, after the last training step. With `ema_decay` the
     model brings the weight average of `grdnet train` as a callback. The datamodule's

@@ -39,8 +39,8 @@ def train(data, out, preset: str = "cpu", *, steps: int | None = None, epochs: i
     """Train a model on `data` (MVTec AD layout: `data/train/good`) into the run folder `out`.
 
     Returns the model folder (None in DDP processes other than rank 0). The training length is the
-    preset's number of optimiser `steps` (whatever the number of images), or `steps`, or `epochs`
-    passes over the images; `max_minutes` caps it. `roi`: a folder of ROI
+    preset's (`cpu`: the longer of 2,500 optimiser steps and 120 passes over the images), or
+    `steps`, or `epochs` passes (both: the longer); `max_minutes` caps it. `roi`: a folder of ROI
     masks mirroring `data`, or one mask for all images; `roi_default`: the mask for images without
     one. `model`/`train` override preset values (see `ModelConfig`, `TrainConfig`); `trainer_args`
     go to `grdnet.engine.train` (devices, precision, resume, ...).

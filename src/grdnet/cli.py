@@ -31,7 +31,7 @@ def _train_args(p: argparse.ArgumentParser):
     p.add_argument("--preset", default="cpu", help="cpu | grd-cpu | paper | tiny (default: cpu; see README)")
     p.add_argument("--image-size", type=int, help="model input size (square), overrides the preset")
     p.add_argument("--steps", type=int, help="training length in optimiser steps (default: the preset's)")
-    p.add_argument("--epochs", type=int, help="training length in passes over the training images instead")
+    p.add_argument("--epochs", type=int, help="training length in passes over the training images (with --steps: the longer)")
     p.add_argument("--max-minutes", type=float, help="time budget; training stops cleanly when it runs out")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)

@@ -80,12 +80,11 @@ class Plan:
 
 def plan_training(n_images: int, train_cfg: TrainConfig, world_size: int = 1) -> Plan:
     """The run's length and rounds. `epochs` E means E passes: the batches that show each image E
-    times (rounded to the nearest step)."""
+    times (rounded to the nearest step); with `steps` set too, the longer of the two."""
     per_rank = -(-n_images // world_size)  # ranks pad their shares to equal length, like DistributedSampler
     batch = max(1, min(train_cfg.batch_size, per_rank))
-    steps = train_cfg.steps
-    if steps is None:
-        steps = max(1, math.floor(train_cfg.epochs * per_rank / batch + 0.5))
+    by_passes = 0 if train_cfg.epochs is None else math.floor(train_cfg.epochs * per_rank / batch + 0.5)
+    steps = max(1, train_cfg.steps or 0, by_passes)
     passes = 1
     while passes * per_rank // batch < ROUND_BATCHES:
         passes += 1
@@ -293,6 +292,8 @@ def describe_plan(plan: Plan, n_images: int, train_cfg: TrainConfig) -> str:
     images = plan.batch * plan.world_size
     text = (f"training: {plan.steps:,} steps of {images} images ({plan.steps * images / n_images:,.1f} passes over "
             f"{n_images:,} training images, rounds of {plan.round_batches} batches)")
+    if train_cfg.steps is not None and train_cfg.epochs is not None:
+        text += f", the longer of {train_cfg.steps:,} steps and {train_cfg.epochs:,} passes"
     if train_cfg.max_minutes is not None:
         text += f", stopped after {train_cfg.max_minutes:g} minutes if not done by then"
     return text
